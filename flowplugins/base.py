@@ -1,0 +1,179 @@
+"""The bijector contract every flowplugins layer (built-in or third-party) follows.
+
+Conventions, stated once for the whole package:
+
+* **Direction.** ``forward`` maps data → latent, ``inverse`` maps latent → data. This is the
+  nflows orientation; the Pyro backend flips it, because Pyro's ``_call`` maps base → data.
+* **Log-determinant.** Both directions return ``(output, logabsdet)`` where ``logabsdet`` is
+  ``log |det ∂output/∂input|`` summed over the event dimensions ``(C, H, W)``. It has the input's
+  batch shape. The inverse's log-det is minus the forward's at the matching point.
+* **Shapes.** Inputs are ``(..., C, H, W)``: any number of leading batch dimensions. Subclasses
+  only see a flat batch ``(N, C, H, W)``; :class:`Bijector` flattens and restores the rest.
+* **Output shape.** A shape-changing bijector overrides :meth:`Bijector.output_event_shape`;
+  composers infer every level's shape from it, nobody writes shapes by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+EventShape = Tuple[int, int, int]
+
+__all__ = ["Bijector", "EventShape", "as_event_shape", "sum_except_batch"]
+
+
+def as_event_shape(event_shape: Sequence[int], owner: str = "Bijector") -> EventShape:
+    """Validate and normalise an image event shape ``(C, H, W)``.
+
+    Raises:
+        ValueError: if ``event_shape`` is not three positive integers.
+    """
+    try:
+        shape = tuple(int(s) for s in event_shape)
+    except TypeError as err:
+        raise ValueError(
+            f"{owner}: event_shape must be a sequence (C, H, W); got {event_shape!r}"
+        ) from err
+    if len(shape) != 3 or any(s <= 0 for s in shape) or any(
+        int(s) != s for s in event_shape
+    ):
+        raise ValueError(
+            f"{owner}: event_shape must be three positive integers (C, H, W); got {event_shape!r}"
+        )
+    return shape  # type: ignore[return-value]
+
+
+def sum_except_batch(x: Tensor, batch_dims: int = 1) -> Tensor:
+    """Sum ``x`` over every dimension after the first ``batch_dims``."""
+    return x.reshape(*x.shape[:batch_dims], -1).sum(-1)
+
+
+class Bijector(nn.Module):
+    """Base class of every image bijector: an invertible map on ``(..., C, H, W)`` tensors.
+
+    ``forward`` maps data → latent and returns ``(z, logabsdet)`` with
+    ``logabsdet = log |det ∂z/∂x|``; ``inverse`` maps latent → data and returns
+    ``(x, logabsdet)`` with ``logabsdet = log |det ∂x/∂z| = -forward_logabsdet``.
+
+    Subclasses implement :meth:`_forward` and :meth:`_inverse` on a flat batch
+    ``(N, C, H, W)`` (with ``context`` flattened to ``(N, ...)`` when given) and return the
+    log-det with shape ``(N,)``. The public :meth:`forward` / :meth:`inverse` validate the
+    input (rank, event shape, dtype, device), flatten any leading batch dimensions and restore
+    them on the way out.
+
+    Class attributes a subclass may set:
+
+    * ``input_domain``: ``"real"`` (default) or ``"unit_interval"`` for layers such as the logit
+      preprocessing that are only defined on ``(0, 1)``; property checkers draw inputs from it.
+    * ``batch_dependent_in_training``: ``True`` for layers whose training-mode output mixes
+      samples (batch statistics); property checkers test them in eval mode.
+    * ``data_dependent_init``: ``True`` for layers that initialise from the first training
+      batch (ActNorm); property checkers run one forward pass before testing.
+
+    Shapes:
+        x: (..., C, H, W) -> z: (..., *output_event_shape()); logabsdet: (...)
+
+    Args:
+        event_shape: the input event shape ``(C, H, W)`` in the data → latent direction.
+
+    Raises:
+        ValueError: if ``event_shape`` is not three positive integers.
+    """
+
+    input_domain: str = "real"
+    batch_dependent_in_training: bool = False
+    data_dependent_init: bool = False
+
+    def __init__(self, event_shape: Sequence[int]) -> None:
+        super().__init__()
+        self.event_shape: EventShape = as_event_shape(event_shape, type(self).__name__)
+
+    # ------------------------------------------------------------------ shapes
+    def output_event_shape(self) -> EventShape:
+        """Event shape of ``forward``'s output (``inverse``'s input). Default: unchanged."""
+        return self.event_shape
+
+    @property
+    def event_numel(self) -> int:
+        return math.prod(self.event_shape)
+
+    # ------------------------------------------------------------- primitives
+    def _forward(self, x: Tensor, context: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _inverse(self, z: Tensor, context: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------- public API
+    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Map data → latent. Returns ``(z, log|det ∂z/∂x|)``."""
+        return self._apply_flat(self._forward, x, context, self.event_shape, "forward")
+
+    def inverse(self, z: Tensor, context: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Map latent → data. Returns ``(x, log|det ∂x/∂z|)``."""
+        return self._apply_flat(
+            self._inverse, z, context, self.output_event_shape(), "inverse"
+        )
+
+    # ---------------------------------------------------------------- helpers
+    def _reference_tensor(self) -> Optional[Tensor]:
+        for p in self.parameters():
+            return p
+        for b in self.buffers():
+            if b.is_floating_point():
+                return b
+        return None
+
+    def check_input(self, x: Tensor, expected: Sequence[int], direction: str) -> None:
+        """Raise a clear error if ``x`` is not a ``(..., *expected)`` floating tensor that
+        matches this layer's parameters in dtype and device."""
+        name = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}.{direction}: expected a torch.Tensor; got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{name}.{direction}: input must be a floating-point tensor; got dtype {x.dtype}"
+            )
+        expected = tuple(expected)
+        if x.dim() < len(expected) or tuple(x.shape[-len(expected):]) != expected:
+            raise ValueError(
+                f"{name}.{direction}: expected input of shape (..., {', '.join(map(str, expected))}); "
+                f"got {tuple(x.shape)}"
+            )
+        ref = self._reference_tensor()
+        if ref is not None:
+            if ref.dtype != x.dtype:
+                raise TypeError(
+                    f"{name}.{direction}: input dtype {x.dtype} does not match the layer's "
+                    f"parameters ({ref.dtype}); call .to({x.dtype}) on the layer or the input"
+                )
+            if ref.device != x.device:
+                raise ValueError(
+                    f"{name}.{direction}: input is on {x.device} but the layer's parameters are "
+                    f"on {ref.device}"
+                )
+
+    def _apply_flat(self, fn, x: Tensor, context: Optional[Tensor], expected, direction: str):
+        self.check_input(x, expected, direction)
+        batch_shape = x.shape[: x.dim() - 3]
+        flat = x.reshape(-1, *x.shape[-3:]) if len(batch_shape) != 1 else x
+        if context is not None:
+            if context.shape[: len(batch_shape)] != batch_shape:
+                raise ValueError(
+                    f"{type(self).__name__}.{direction}: context batch shape "
+                    f"{tuple(context.shape[:len(batch_shape)])} does not match the input's "
+                    f"{tuple(batch_shape)}"
+                )
+            context = context.reshape(flat.shape[0], *context.shape[len(batch_shape):])
+        out, logabsdet = fn(flat, context)
+        if len(batch_shape) != 1:
+            out = out.reshape(*batch_shape, *out.shape[1:])
+            logabsdet = logabsdet.reshape(batch_shape)
+        return out, logabsdet
+
+    def extra_repr(self) -> str:
+        return f"event_shape={self.event_shape}"
