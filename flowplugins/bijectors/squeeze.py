@@ -41,7 +41,7 @@ class Squeeze(Bijector):
 
     def __init__(self, event_shape: Sequence[int], factor: int = 2) -> None:
         super().__init__(event_shape)
-        if int(factor) != factor or factor < 2:
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
             raise ValueError(f"Squeeze: factor must be an integer >= 2; got {factor!r}")
         self.factor = int(factor)
         c, h, w = self.event_shape

@@ -1,0 +1,281 @@
+"""Invertible 1x1 convolutions (Glow §3.2): a full weight matrix and its LU parametrisation."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..base import Bijector
+
+__all__ = ["InvertibleConv1x1", "LUInvertibleConv1x1", "random_rotation"]
+
+
+def random_rotation(n: int, seed: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A Haar-distributed random orthogonal ``(n, n)`` matrix (QR of a Gaussian matrix).
+
+    Drawn in float64 on the CPU from a local ``torch.Generator`` seeded with ``seed`` (or from
+    the global generator when ``seed`` is ``None``), then cast to ``dtype`` (default: the
+    default dtype).
+    """
+    gen = None
+    if seed is not None:
+        gen = torch.Generator().manual_seed(int(seed))
+    a = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)
+    # Fixing the signs of R's diagonal makes Q Haar-distributed rather than biased by QR's convention.
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return q.to(dtype or torch.get_default_dtype())
+
+
+def _check_seed(owner: str, seed: Optional[int]) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"{owner}: seed must be None or a non-negative integer; got {seed!r}")
+
+
+class _CachedConv1x1(Bijector):
+    """Shared machinery: apply ``W`` as a 1x1 convolution and cache derived matrices.
+
+    Derived quantities (``W``, ``W⁻¹``, ``log|det W|``) are cached only in eval mode and only
+    while autograd is not recording for the parameters (``torch.no_grad()``,
+    ``torch.inference_mode()``, frozen parameters); otherwise they are computed afresh and
+    differentiably. The cache key holds every parameter's and buffer's ``_version`` counter,
+    storage address, dtype and device: in-place updates through autograd-visible ops (optimizer
+    steps with the default for-loop or foreach implementations, ``load_state_dict``, writes
+    under ``torch.no_grad()``) bump the counters, and ``.to()`` / ``.double()`` replace the
+    storage. ``train()`` / ``eval()`` clear the cache. Writes that bypass the version counter —
+    ``param.data.copy_(...)`` or a ``fused=True`` optimizer — are invisible to the key, which is
+    why training mode never uses the cache; after such a write in eval mode call
+    :meth:`clear_cache` (or toggle ``train()``/``eval()``).
+    """
+
+    def __init__(self, event_shape: Sequence[int]) -> None:
+        super().__init__(event_shape)
+        self._cache: Dict[str, Tensor] = {}
+        self._cache_key: Optional[tuple] = None
+
+    def _state_key(self) -> tuple:
+        return tuple(
+            (t._version, t.data_ptr(), t.dtype, t.device)
+            for t in (*self.parameters(), *self.buffers())
+        )
+
+    def _use_cache(self) -> bool:
+        if self.training:
+            return False
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+
+    def _cached(self, name: str, build: Callable[[], Tensor]) -> Tensor:
+        key = self._state_key()
+        if key != self._cache_key:
+            self._cache = {}
+            self._cache_key = key
+        value = self._cache.get(name)
+        if value is None:
+            # Built outside inference mode so the cached tensors stay usable in later calls
+            # whose inputs require grad (inference tensors cannot be saved for backward).
+            with torch.inference_mode(False), torch.no_grad():
+                value = build()
+            self._cache[name] = value
+        return value
+
+    def clear_cache(self) -> None:
+        """Drop cached matrices (needed only after writes that bypass version counters)."""
+        self._cache = {}
+        self._cache_key = None
+
+    def train(self, mode: bool = True):
+        self.clear_cache()
+        return super().train(mode)
+
+    def _get(self, name: str, build: Callable[[], Tensor]) -> Tensor:
+        if self._use_cache():
+            return self._cached(name, build)
+        return build()
+
+    # Subclasses provide these three builders.
+    def _build_weight(self) -> Tensor:
+        raise NotImplementedError
+
+    def _build_inverse_weight(self) -> Tensor:
+        raise NotImplementedError
+
+    def _build_logabsdet(self) -> Tensor:
+        """``log|det W|`` (a scalar), not yet multiplied by ``H·W``."""
+        raise NotImplementedError
+
+    def weight_matrix(self) -> Tensor:
+        """The current ``C×C`` weight ``W`` (from the cache in eval mode when autograd is not recording)."""
+        return self._get("weight", self._build_weight)
+
+    def _conv(self, x: Tensor, weight: Tensor) -> Tensor:
+        c = self.event_shape[0]
+        return F.conv2d(x, weight.reshape(c, c, 1, 1))
+
+    def _forward(self, x: Tensor, context: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        _, h, w = self.event_shape
+        weight = self._get("weight", self._build_weight)
+        ld = self._get("logabsdet", self._build_logabsdet) * (h * w)
+        return self._conv(x, weight), ld.repeat(x.shape[0])
+
+    def _inverse(self, z: Tensor, context: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        _, h, w = self.event_shape
+        weight_inv = self._get("inverse", self._build_inverse_weight)
+        ld = self._get("logabsdet", self._build_logabsdet) * (h * w)
+        return self._conv(z, weight_inv), (-ld).repeat(z.shape[0])
+
+
+class LUInvertibleConv1x1(_CachedConv1x1):
+    """Invertible 1x1 convolution with an LU-parametrised weight and an O(C) log-det.
+
+    Data → latent, at every pixel: ``z[:, h, w] = W x[:, h, w]`` with
+
+    .. math::
+
+        W = P \\, L \\, \\big(U + \\operatorname{diag}(\\text{sign} \\odot \\exp(\\text{log\\_abs\\_s}))\\big),
+        \\qquad \\log|\\det J| = H W \\sum_c \\text{log\\_abs\\_s}_c,
+
+    where ``P`` (buffer ``permutation``, as row indices) and ``sign`` (buffer) are fixed, ``L``
+    is unit lower-triangular (parameter ``lower``, strictly-lower part used) and ``U`` strictly
+    upper-triangular (parameter ``upper``, strictly-upper part used). The exponential keeps the
+    diagonal non-zero, so ``W`` is invertible for any parameter values. Initialised from the LU
+    decomposition of a random rotation.
+
+    Applied as a real 1x1 convolution (one ``C×C`` weight, never a per-pixel matrix). The inverse
+    uses ``W⁻¹ = (U + diag)⁻¹ L⁻¹ Pᵀ`` by two triangular solves of the ``C×C`` factors.
+
+    **Train/eval.** In eval mode without autograd recording for the parameters (sampling,
+    evaluation under ``torch.no_grad()``), ``W`` and ``W⁻¹`` are cached and rebuilt only when a
+    parameter or buffer has changed (optimizer step, ``load_state_dict``, ``.to()``), so
+    sampling pays no O(C³) work per call. In training mode, or while autograd records, they are
+    recomputed differentiably on every call (O(C³) on a ``C×C`` matrix, small next to the
+    convolution itself). ``train()``/``eval()`` clear the cache; parameter writes that bypass
+    autograd's version counters (``param.data.copy_(...)``, ``fused=True`` optimizers) while in
+    eval mode need :meth:`clear_cache`.
+
+    Shapes:
+        x: (..., C, H, W) -> z: (..., C, H, W); logabsdet: (...)
+
+    Args:
+        event_shape: ``(C, H, W)``.
+        seed: seed of a local generator for the random-rotation initialisation; ``None`` uses
+            the global torch generator.
+
+    Raises:
+        ValueError: if ``seed`` is not ``None`` or a non-negative integer.
+
+    References:
+        Kingma & Dhariwal, Glow: Generative Flow with Invertible 1x1 Convolutions,
+        arXiv:1807.03039, §3.2.
+
+    Example:
+        >>> import torch
+        >>> layer = LUInvertibleConv1x1((4, 3, 3), seed=0)
+        >>> x = torch.randn(2, 4, 3, 3)
+        >>> z, ld = layer(x)
+        >>> x_back, ld_inv = layer.inverse(z)
+        >>> torch.allclose(x_back, x, atol=1e-5), torch.allclose(ld, -ld_inv)
+        (True, True)
+    """
+
+    def __init__(self, event_shape: Sequence[int], seed: Optional[int] = None) -> None:
+        super().__init__(event_shape)
+        _check_seed("LUInvertibleConv1x1", seed)
+        self.seed = seed
+        c = self.event_shape[0]
+        q = random_rotation(c, seed, dtype=torch.float64)
+        p, l, u = torch.linalg.lu(q)
+        s = torch.diagonal(u)
+        dtype = torch.get_default_dtype()
+        self.lower = nn.Parameter(torch.tril(l, -1).to(dtype))
+        self.upper = nn.Parameter(torch.triu(u, 1).to(dtype))
+        self.log_abs_s = nn.Parameter(s.abs().log().to(dtype))
+        # P @ M == M[permutation]: row i of P has its 1 in column permutation[i].
+        self.register_buffer("permutation", p.argmax(dim=1))
+        self.register_buffer("sign", torch.sign(s).to(dtype))
+
+    def _factors(self) -> Tuple[Tensor, Tensor]:
+        c = self.event_shape[0]
+        eye = torch.eye(c, dtype=self.lower.dtype, device=self.lower.device)
+        lower = torch.tril(self.lower, -1) + eye
+        upper = torch.triu(self.upper, 1) + torch.diag(self.sign * self.log_abs_s.exp())
+        return lower, upper
+
+    def _build_weight(self) -> Tensor:
+        lower, upper = self._factors()
+        return (lower @ upper)[self.permutation]
+
+    def _build_inverse_weight(self) -> Tensor:
+        lower, upper = self._factors()
+        c = self.event_shape[0]
+        # P[i, permutation[i]] = 1, hence Pᵀ[permutation[i], i] = 1.
+        p_t = torch.zeros(c, c, dtype=lower.dtype, device=lower.device)
+        p_t[self.permutation, torch.arange(c, device=lower.device)] = 1.0
+        # Triangular solves instead of a general inverse: exact structure, better conditioning.
+        y = torch.linalg.solve_triangular(lower, p_t, upper=False, unitriangular=True)
+        return torch.linalg.solve_triangular(upper, y, upper=True)
+
+    def _build_logabsdet(self) -> Tensor:
+        return self.log_abs_s.sum()
+
+    def extra_repr(self) -> str:
+        return f"event_shape={self.event_shape}, seed={self.seed}"
+
+
+class InvertibleConv1x1(_CachedConv1x1):
+    """Invertible 1x1 convolution with a full, unconstrained weight matrix (for ablations).
+
+    Data → latent, at every pixel: ``z[:, h, w] = W x[:, h, w]`` with parameter ``weight``
+    (``C×C``, initialised to a random rotation) and
+
+    .. math::
+
+        \\log|\\det J| = H W \\log|\\det W|.
+
+    ``log|det W|`` costs O(C³) (``torch.linalg.slogdet``) while training; in eval mode without
+    autograd recording it is cached together with ``W⁻¹`` and rebuilt only after the weight
+    changes (see :class:`LUInvertibleConv1x1`). Unlike the LU form, nothing keeps ``W`` invertible during
+    training.
+
+    Shapes:
+        x: (..., C, H, W) -> z: (..., C, H, W); logabsdet: (...)
+
+    Args:
+        event_shape: ``(C, H, W)``.
+        seed: seed of a local generator for the random-rotation initialisation; ``None`` uses
+            the global torch generator.
+
+    Raises:
+        ValueError: if ``seed`` is not ``None`` or a non-negative integer.
+
+    References:
+        Kingma & Dhariwal, Glow: Generative Flow with Invertible 1x1 Convolutions,
+        arXiv:1807.03039, §3.2.
+
+    Example:
+        >>> import torch
+        >>> layer = InvertibleConv1x1((3, 2, 2), seed=0)
+        >>> z, ld = layer(torch.randn(5, 3, 2, 2))
+        >>> z.shape, round(ld[0].item(), 6)  # a rotation has |det W| = 1
+        (torch.Size([5, 3, 2, 2]), 0.0)
+    """
+
+    def __init__(self, event_shape: Sequence[int], seed: Optional[int] = None) -> None:
+        super().__init__(event_shape)
+        _check_seed("InvertibleConv1x1", seed)
+        self.seed = seed
+        self.weight = nn.Parameter(random_rotation(self.event_shape[0], seed))
+
+    def _build_weight(self) -> Tensor:
+        return self.weight
+
+    def _build_inverse_weight(self) -> Tensor:
+        return torch.linalg.inv(self.weight)
+
+    def _build_logabsdet(self) -> Tensor:
+        return torch.linalg.slogdet(self.weight)[1]
+
+    def extra_repr(self) -> str:
+        return f"event_shape={self.event_shape}, seed={self.seed}"

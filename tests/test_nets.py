@@ -1,0 +1,120 @@
+"""Tests of flowplugins.nets: the default coupling net and the net-factory contract."""
+
+import doctest
+
+import pytest
+import torch
+from torch import nn
+
+import flowplugins.nets as nets_module
+from flowplugins.nets import CouplingNet, build_net, check_context
+
+
+@torch.no_grad()
+def perturb(module: nn.Module, scale: float = 0.2, seed: int = 0) -> None:
+    """Move every parameter away from its initialisation (the last conv starts at zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device))
+
+
+def test_architecture_and_zero_output_at_init():
+    net = CouplingNet(3, 6, hidden=16)
+    assert (net.conv_in.kernel_size, net.conv_in.padding) == ((3, 3), (1, 1))
+    assert net.conv_hidden.kernel_size == (1, 1)
+    assert (net.conv_out.kernel_size, net.conv_out.padding) == ((3, 3), (1, 1))
+    assert not net.conv_out.weight.any() and not net.conv_out.bias.any()
+    out = net(torch.randn(4, 3, 5, 7))
+    assert out.shape == (4, 6, 5, 7)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_parameter_count_matches_the_glow_net():
+    c_in, c_out, h = 6, 12, 32
+    expected = (c_in * 9 * h + h) + (h * h + h) + (h * 9 * c_out + c_out)
+    assert sum(p.numel() for p in CouplingNet(c_in, c_out, hidden=h).parameters()) == expected
+
+
+def test_context_is_a_per_channel_bias_of_the_first_hidden_layer():
+    torch.manual_seed(0)
+    net = CouplingNet(2, 4, hidden=8, context_features=3).double()
+    perturb(net)
+    h = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    ctx = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    out = net(h, ctx)
+    assert out.shape == (5, 4, 4, 4)
+    hidden = torch.relu(net.conv_in(h) + net.context_proj(ctx)[:, :, None, None])
+    expected = net.conv_out(torch.relu(net.conv_hidden(hidden)))
+    torch.testing.assert_close(out, expected)
+    out.square().sum().backward()
+    assert net.context_proj.weight.grad.abs().sum() > 0
+    assert ctx.grad.abs().sum() > 0
+    assert not torch.allclose(net(h, ctx), net(h, torch.zeros_like(ctx)))
+
+
+def test_gradients_reach_every_parameter():
+    net = CouplingNet(2, 4, hidden=8, context_features=3)
+    perturb(net)
+    net(torch.randn(3, 2, 4, 4), torch.randn(3, 3)).square().sum().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(
+    "context, features, match",
+    [
+        (torch.zeros(2, 3), None, "context_features=None"),
+        (None, 3, "needs a context"),
+        (torch.zeros(2, 4), 3, r"\(\.\.\., 3\).*\(2, 4\)"),
+        (torch.zeros(3, 3), 3, r"got \(3, 3\)"),
+    ],
+)
+def test_context_errors_name_the_rule_and_the_shape(context, features, match):
+    net = CouplingNet(2, 4, hidden=8, context_features=features)
+    with pytest.raises(ValueError, match=match):
+        net(torch.zeros(2, 2, 4, 4), context)
+    with pytest.raises(ValueError, match="^Owner: "):
+        check_context("Owner", context, features, 2)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "8"])
+def test_invalid_sizes_are_value_errors(bad):
+    with pytest.raises(ValueError, match="CouplingNet: hidden must be a positive integer"):
+        CouplingNet(2, 4, hidden=bad)
+    with pytest.raises(ValueError, match="CouplingNet: context_features"):
+        CouplingNet(2, 4, context_features=bad)
+
+
+def test_build_net_default_and_custom_factories():
+    default = build_net(None, 3, 4, 8, 2, "Layer")
+    assert isinstance(default, CouplingNet)
+    assert (default.in_channels, default.out_channels, default.hidden) == (3, 4, 8)
+    assert default.context_features == 2
+
+    calls = []
+
+    def factory(in_channels, out_channels):
+        calls.append((in_channels, out_channels))
+        return nn.Conv2d(in_channels, out_channels, 1)
+
+    custom = build_net(factory, 3, 4, 8, None, "Layer")
+    assert isinstance(custom, nn.Conv2d) and calls == [(3, 4)]
+
+
+def test_build_net_rejects_bad_factories():
+    with pytest.raises(TypeError, match="Layer: net must be None or a callable"):
+        build_net(42, 3, 4, 8, None, "Layer")
+    with pytest.raises(TypeError, match=r"Layer: net\(3, 4\) must return an nn.Module; got str"):
+        build_net(lambda i, o: "not a module", 3, 4, 8, None, "Layer")
+
+
+def test_context_net_on_device(device):
+    net = CouplingNet(2, 4, hidden=8, context_features=3).to(device)
+    perturb(net)
+    out = net(torch.randn(2, 2, 5, 5, device=device), torch.randn(2, 3, device=device))
+    assert out.shape == (2, 4, 5, 5) and out.device.type == device
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(nets_module)
+    assert result.attempted > 0 and result.failed == 0
