@@ -5,7 +5,21 @@ Every bijector maps data → latent in ``forward`` and latent → data in ``inve
 """
 
 from .base import Bijector, EventShape
+from .composer import from_config, glow, multiscale, realnvp
+from .models import MultiscaleFlow
 from .registry import build, get_class, info, names
 
-__all__ = ["Bijector", "EventShape", "build", "get_class", "info", "names"]
+__all__ = [
+    "Bijector",
+    "EventShape",
+    "MultiscaleFlow",
+    "build",
+    "from_config",
+    "get_class",
+    "glow",
+    "info",
+    "multiscale",
+    "names",
+    "realnvp",
+]
 __version__ = "0.1.0"

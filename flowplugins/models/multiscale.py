@@ -1,0 +1,409 @@
+"""The torch-backend multi-scale flow model (RealNVP / Glow) built by :mod:`flowplugins.composer`."""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..base import Bijector, EventShape
+
+__all__ = ["Center", "MultiscaleFlow"]
+
+
+class Center(Bijector):
+    """Shift data in ``[0, 1)`` to ``[-½, ½)``: ``z = x - shift`` (Glow's preprocessing).
+
+    Volume preserving, so ``log|det J| = 0`` and bits/dim are unchanged.
+
+    Shapes:
+        x: (..., C, H, W) -> z: (..., C, H, W); logabsdet: (...)
+
+    Args:
+        event_shape: ``(C, H, W)``.
+        shift: the constant subtracted (0.5 maps ``[0, 1)`` to ``[-½, ½)``).
+
+    References:
+        Kingma & Dhariwal, Glow, arXiv:1807.03039 (reference code's ``preprocess``).
+
+    Example:
+        >>> import torch
+        >>> z, ld = Center((1, 1, 2))(torch.tensor([[[[0.0, 0.75]]]]))
+        >>> z.flatten().tolist(), ld.tolist()
+        ([-0.5, 0.25], [0.0])
+    """
+
+    def __init__(self, event_shape: Sequence[int], shift: float = 0.5) -> None:
+        super().__init__(event_shape)
+        self.shift = float(shift)
+
+    def _forward(self, x: Tensor, context: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        return x - self.shift, x.new_zeros(x.shape[0])
+
+    def _inverse(self, z: Tensor, context: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        return z + self.shift, z.new_zeros(z.shape[0])
+
+    def extra_repr(self) -> str:
+        return f"event_shape={self.event_shape}, shift={self.shift}"
+
+
+def _wants_context(step: nn.Module) -> bool:
+    # The convention of every built-in: a layer built with context_features=K uses the
+    # context, one built without refuses it.
+    return getattr(step, "context_features", None) is not None
+
+
+class MultiscaleFlow(nn.Module):
+    """A multi-scale normalizing flow over images with a standard-normal base.
+
+    The model is a list of levels, each a list of bijectors in data → latent order. After every
+    level but the last, the first ``ceil(C/2)`` channels of its output (the half
+    ``torch.chunk(h, 2, dim=1)`` returns first, the half ``split2d_prior`` standardises) are
+    factored out as latents and the other ``C//2`` go on to the next level; the last level's
+    whole output is the top latent. Every prior (split2d, learned top prior) is a bijector, so
+    every latent is ``N(0, I)``::
+
+        log p(x) = Σ_steps log|det J_step| + Σ_latents log N(z_ℓ; 0, I)
+
+        x ─ level 1 ─┬─ z_1 (factored out)
+                     └─ level 2 ─┬─ z_2
+                                 └─ … ─ level L ─ z_L
+
+    Latent layout of :meth:`encode` / :meth:`decode`: the latents ``z_1, …, z_L`` each
+    flattened (C, H, W order) and concatenated in that order, then reshaped to ``x``'s shape.
+    It is the layout of nflows' ``MultiscaleCompositeTransform`` (unflattened), so both
+    backends give the same latent for the same image.
+
+    A step receives the context when it was built with ``context_features`` (it exposes a
+    non-``None`` ``context_features`` attribute, as the built-in priors and couplings do); the
+    others are called without one.
+
+    Train/eval: the steps' modes are the model's. ActNorm initialises from the first training
+    batch it sees, batch norm uses batch statistics in training mode. :meth:`sample` runs in
+    eval mode (restoring the mode afterwards); :meth:`decode` and :meth:`encode` use the
+    current mode.
+
+    Shapes:
+        x: (..., C, H, W), context: (..., K) -> log_prob: (...)
+
+    Args:
+        levels: the bijectors of each level, data → latent; each bijector's ``event_shape`` must
+            be the previous one's ``output_event_shape()`` (after a split: ``C//2`` channels).
+        context_features: size ``K`` of the context vector of a conditional model, or ``None``.
+        memory_saving: recompute activations from outputs during backward
+            (:func:`flowplugins.memory_saving.memory_saving_forward`) instead of storing them.
+
+    Raises:
+        ValueError: if ``levels`` is empty, a level is empty, shapes do not chain, a split
+            level's output has fewer than 2 channels, or ``context_features`` is given but no
+            step uses a context.
+
+    Example:
+        >>> import torch, flowplugins
+        >>> sq = flowplugins.build("squeeze", (1, 4, 4))
+        >>> a = flowplugins.build("affine_coupling", (4, 2, 2), hidden=8)
+        >>> top = flowplugins.build("actnorm", (2, 2, 2))
+        >>> model = MultiscaleFlow([[sq, a], [top]])
+        >>> x = torch.rand(3, 1, 4, 4)
+        >>> model.log_prob(x).shape, model.latent_shapes
+        (torch.Size([3]), [(2, 2, 2), (2, 2, 2)])
+        >>> torch.allclose(model.decode(model.encode(x)), x, atol=1e-6)
+        True
+    """
+
+    def __init__(
+        self,
+        levels: Sequence[Sequence[Bijector]],
+        context_features: Optional[int] = None,
+        memory_saving: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(levels) == 0:
+            raise ValueError("MultiscaleFlow: needs at least one level; got none")
+        steps: List[Bijector] = []
+        bounds: List[Tuple[int, int]] = []
+        split_channels = {}
+        latent_shapes: List[EventShape] = []
+        shape: Optional[EventShape] = None
+        for index, level in enumerate(levels):
+            if len(level) == 0:
+                raise ValueError(f"MultiscaleFlow: level {index} has no bijectors")
+            start = len(steps)
+            for step in level:
+                if not isinstance(step, Bijector):
+                    raise TypeError(
+                        f"MultiscaleFlow: level {index} holds a {type(step).__name__}, not a "
+                        f"flowplugins.Bijector"
+                    )
+                if shape is not None and tuple(step.event_shape) != tuple(shape):
+                    raise ValueError(
+                        f"MultiscaleFlow: {type(step).__name__} (level {index}) takes event shape "
+                        f"{tuple(step.event_shape)} but the previous step outputs {tuple(shape)}"
+                    )
+                steps.append(step)
+                shape = tuple(step.output_event_shape())
+            bounds.append((start, len(steps)))
+            if index < len(levels) - 1:
+                c, h, w = shape
+                if c < 2:
+                    raise ValueError(
+                        f"MultiscaleFlow: level {index} must output at least 2 channels to factor "
+                        f"half out; got {shape}"
+                    )
+                factored = c - c // 2  # torch.chunk(h, 2, dim=1)'s first chunk
+                split_channels[len(steps) - 1] = factored
+                latent_shapes.append((factored, h, w))
+                shape = (c // 2, h, w)
+        latent_shapes.append(shape)
+
+        self.steps = nn.ModuleList(steps)
+        self.level_bounds: Tuple[Tuple[int, int], ...] = tuple(bounds)
+        self.event_shape: EventShape = tuple(steps[0].event_shape)
+        self.latent_shapes: List[EventShape] = latent_shapes
+        self.context_features = context_features
+        self.memory_saving = bool(memory_saving)
+        self._split_channels = split_channels
+        self._latent_sizes = [math.prod(s) for s in latent_shapes]
+        self._wants_context = tuple(_wants_context(s) for s in steps)
+        self._numel = math.prod(self.event_shape)
+        self._log_z = 0.5 * self._numel * math.log(2.0 * math.pi)
+        if context_features is not None and not any(self._wants_context):
+            raise ValueError(
+                f"MultiscaleFlow: context_features={context_features} but no step was built with "
+                f"context_features, so the context would be ignored"
+            )
+        # Tracks the model's dtype and device for sampling, even without parameters.
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def event_numel(self) -> int:
+        """``C·H·W``, the number of dimensions ``D``."""
+        return self._numel
+
+    def _flatten(self, x: Tensor, context: Optional[Tensor], what: str):
+        name = f"{type(self).__name__}.{what}"
+        if x.dim() < 3 or tuple(x.shape[-3:]) != self.event_shape:
+            raise ValueError(
+                f"{name}: expected input of shape (..., {', '.join(map(str, self.event_shape))}); "
+                f"got {tuple(x.shape)}"
+            )
+        batch = x.shape[:-3]
+        flat = x.reshape(-1, *self.event_shape)
+        if self.context_features is None:
+            if context is not None:
+                raise ValueError(
+                    f"{name}: got a context of shape {tuple(context.shape)} but the model was built "
+                    f"with context_features=None"
+                )
+            return batch, flat, None
+        if context is None:
+            raise ValueError(
+                f"{name}: the model was built with context_features={self.context_features} and "
+                f"needs a context of shape (..., {self.context_features}); got none"
+            )
+        if tuple(context.shape) != (*batch, self.context_features):
+            raise ValueError(
+                f"{name}: expected a context of shape {(*batch, self.context_features)} for input "
+                f"of shape {tuple(x.shape)}; got {tuple(context.shape)}"
+            )
+        return batch, flat, context.reshape(-1, self.context_features)
+
+    def _encode_parts(self, x: Tensor, context: Optional[Tensor]) -> Tuple[List[Tensor], Tensor]:
+        """Flat batch ``x`` → the latents ``[z_1, …, z_L]`` and the total log-det."""
+        if self.memory_saving and torch.is_grad_enabled():
+            return self._encode_parts_memory_saving(x, context)
+        parts: List[Tensor] = []
+        logabsdet: Optional[Tensor] = None
+        h = x
+        wants = self._wants_context
+        splits = self._split_channels
+        for i, step in enumerate(self.steps):
+            h, ld = step(h, context if wants[i] else None)
+            logabsdet = ld if logabsdet is None else logabsdet + ld
+            if i in splits:
+                parts.append(h[:, : splits[i]])
+                h = h[:, splits[i]:]
+        parts.append(h)
+        return parts, logabsdet
+
+    def _encode_parts_memory_saving(
+        self, x: Tensor, context: Optional[Tensor]
+    ) -> Tuple[List[Tensor], Tensor]:
+        from ..memory_saving import memory_saving_forward
+
+        parts: List[Tensor] = []
+        logabsdet: Optional[Tensor] = None
+        h = x
+        steps = list(self.steps)
+        for start, stop in self.level_bounds:
+            # memory_saving_forward hands its context to every step, so a level runs as runs
+            # of steps that all take the context or all refuse it.
+            i = start
+            while i < stop:
+                wants = self._wants_context[i]
+                j = i
+                while j < stop and self._wants_context[j] == wants:
+                    j += 1
+                h, ld = memory_saving_forward(steps[i:j], h, context if wants else None)
+                logabsdet = ld if logabsdet is None else logabsdet + ld
+                i = j
+            if stop - 1 in self._split_channels:
+                c = self._split_channels[stop - 1]
+                parts.append(h[:, :c])
+                h = h[:, c:]
+        parts.append(h)
+        return parts, logabsdet
+
+    def _decode_parts(self, parts: Sequence[Tensor], context: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Latents ``[z_1, …, z_L]`` → flat batch ``x`` and the log-det of latent → data."""
+        steps = list(self.steps)
+        wants = self._wants_context
+        splits = self._split_channels
+        h = parts[-1]
+        j = len(parts) - 2
+        logabsdet: Optional[Tensor] = None
+        for i in range(len(steps) - 1, -1, -1):
+            if i in splits:
+                h = torch.cat([parts[j], h], dim=1)
+                j -= 1
+            h, ld = steps[i].inverse(h, context if wants[i] else None)
+            logabsdet = ld if logabsdet is None else logabsdet + ld
+        return h, logabsdet
+
+    def _split_latent(self, z_flat: Tensor) -> List[Tensor]:
+        n = z_flat.shape[0]
+        return [
+            piece.reshape(n, *shape)
+            for piece, shape in zip(z_flat.split(self._latent_sizes, dim=1), self.latent_shapes)
+        ]
+
+    # ---------------------------------------------------------------- public API
+    def log_prob(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        """``log p(x | context)`` in nats, the density of ``x`` on the data scale.
+
+        Shapes:
+            x: (..., C, H, W), context: (..., K) -> (...)
+
+        Raises:
+            ValueError: if ``x`` has the wrong event shape or the context does not fit
+                ``context_features``.
+        """
+        batch, flat, ctx = self._flatten(x, context, "log_prob")
+        parts, logabsdet = self._encode_parts(flat, ctx)
+        energy = parts[0].square().sum((1, 2, 3))
+        for z in parts[1:]:
+            energy = energy + z.square().sum((1, 2, 3))
+        return (logabsdet - 0.5 * energy - self._log_z).reshape(batch)
+
+    forward = log_prob
+
+    def bits_per_dim(
+        self, x: Tensor, context: Optional[Tensor] = None, n_levels: int = 256
+    ) -> Tensor:
+        """Bits per dimension of the discrete data that ``x`` dequantises.
+
+        For ``x = (k + u) / n_levels`` with integer ``k`` and ``u ~ U[0, 1)``,
+        ``bpd = (-log p(x) + D·log n_levels) / (D·log 2)``, an upper bound on the discrete
+        model's bits/dim (uniform on ``[0, 1)`` gives ``log2(n_levels)``).
+
+        Shapes:
+            x: (..., C, H, W), context: (..., K) -> (...)
+
+        Raises:
+            ValueError: if ``n_levels < 2``, or as :meth:`log_prob`.
+        """
+        if isinstance(n_levels, bool) or not isinstance(n_levels, int) or n_levels < 2:
+            raise ValueError(
+                f"{type(self).__name__}.bits_per_dim: n_levels must be an integer >= 2; "
+                f"got {n_levels!r}"
+            )
+        d = self._numel
+        return (d * math.log(n_levels) - self.log_prob(x, context)) / (d * math.log(2.0))
+
+    def encode_with_log_det(
+        self, x: Tensor, context: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor]:
+        """``(z, log|det ∂z/∂x|)`` with ``z`` in the layout of :meth:`encode`."""
+        batch, flat, ctx = self._flatten(x, context, "encode")
+        parts, logabsdet = self._encode_parts(flat, ctx)
+        n = flat.shape[0]
+        z = torch.cat([p.reshape(n, -1) for p in parts], dim=1)
+        return z.reshape(x.shape), logabsdet.reshape(batch)
+
+    def encode(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        """Map data to the concatenated latents, reshaped to ``x``'s shape (see the class
+        docstring for the layout).
+
+        Shapes:
+            x: (..., C, H, W), context: (..., K) -> z: (..., C, H, W)
+        """
+        return self.encode_with_log_det(x, context)[0]
+
+    def decode_with_log_det(
+        self, z: Tensor, context: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor]:
+        """``(x, log|det ∂x/∂z|)``, the exact inverse of :meth:`encode_with_log_det`."""
+        batch, flat, ctx = self._flatten(z, context, "decode")
+        x, logabsdet = self._decode_parts(self._split_latent(flat.reshape(flat.shape[0], -1)), ctx)
+        return x.reshape(z.shape), logabsdet.reshape(batch)
+
+    def decode(self, z: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        """Map latents in the layout of :meth:`encode` back to data (exact inverse).
+
+        Shapes:
+            z: (..., C, H, W), context: (..., K) -> x: (..., C, H, W)
+        """
+        return self.decode_with_log_det(z, context)[0]
+
+    def sample(
+        self, n: int, temperature: float = 1.0, context: Optional[Tensor] = None
+    ) -> Tensor:
+        """Draw ``n`` images: ``z ~ N(0, T²·I)`` decoded through the exact inverse (Glow §5).
+
+        Runs in eval mode (the model's mode is restored afterwards) and without gradients.
+        The result is clamped to ``[0, 1]``, the data range; use :meth:`decode` for the
+        unclamped inverse.
+
+        Shapes:
+            context: (n, K) or (K,) -> x: (n, C, H, W)
+
+        Args:
+            n: number of images.
+            temperature: ``T >= 0``; 1 samples the model, lower values trade diversity for
+                fidelity.
+            context: the condition of a conditional model, per image or one for all.
+
+        Raises:
+            ValueError: if ``n < 1``, ``temperature < 0`` or the context does not fit.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{type(self).__name__}.sample: n must be a positive integer; got {n!r}")
+        if not temperature >= 0:
+            raise ValueError(
+                f"{type(self).__name__}.sample: temperature must be >= 0; got {temperature!r}"
+            )
+        if context is not None and context.dim() == 1:
+            context = context.expand(n, -1)
+        was_training = self.training
+        if was_training:
+            self.eval()
+        try:
+            with torch.no_grad():
+                anchor = self._anchor
+                z = torch.randn(n, *self.event_shape, dtype=anchor.dtype, device=anchor.device)
+                if temperature != 1.0:
+                    z.mul_(temperature)
+                x = self.decode(z, context)
+        finally:
+            if was_training:
+                self.train()
+        return x.clamp_(0.0, 1.0)
+
+    def extra_repr(self) -> str:
+        return (
+            f"event_shape={self.event_shape}, levels={len(self.level_bounds)}, "
+            f"latent_shapes={self.latent_shapes}, context_features={self.context_features}"
+        )
