@@ -149,25 +149,43 @@ def _discover() -> Dict[str, PluginInfo]:
     if _cache is not None:
         return _cache
     described = load_registry_yaml()
-    found: Dict[str, PluginInfo] = {}
+    candidates: Dict[str, List[Tuple[str, Any]]] = {}
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = _dist_name(ep)
         if not _NAME_RE.match(ep.name):
             warnings.warn(
                 f"flowplugins: skipping bijector {ep.name!r} from distribution {dist!r}: "
                 "names must be snake_case identifiers",
-                stacklevel=2,
+                stacklevel=3,
             )
             continue
-        if ep.name in found:
-            prev = found[ep.name]
-            if prev.target == ep.value and prev.distribution == dist:
-                continue  # the same distribution seen twice on sys.path (editable installs)
-            prev.conflicts = tuple(sorted({*prev.conflicts, prev.distribution, dist}))
-            continue
-        entry = described.get(ep.name, {}) if dist == _BUILTIN_DIST else {}
-        found[ep.name] = PluginInfo(
-            name=ep.name,
+        seen = candidates.setdefault(ep.name, [])
+        # The same distribution can be seen twice on sys.path (editable installs).
+        if not any(d == dist and e.value == ep.value for d, e in seen):
+            seen.append((dist, ep))
+    found: Dict[str, PluginInfo] = {}
+    for name, seen in candidates.items():
+        builtin = [(d, e) for d, e in seen if d == _BUILTIN_DIST]
+        if builtin and len(seen) > 1:
+            # Built-ins are never overridden: a plugin reusing a built-in name is ignored, loudly.
+            others = sorted(d for d, _ in seen if d != _BUILTIN_DIST)
+            warnings.warn(
+                f"flowplugins: ignoring bijector {name!r} from distribution(s) "
+                f"{', '.join(others)}: the name belongs to a built-in bijector",
+                stacklevel=3,
+            )
+            seen = builtin
+        dist, ep = seen[0]
+        entry = described.get(name, {}) if dist == _BUILTIN_DIST else {}
+        conflicts = tuple(sorted({d for d, _ in seen})) if len(seen) > 1 else ()
+        if conflicts:
+            warnings.warn(
+                f"flowplugins: bijector name {name!r} is registered by several "
+                f"distributions: {', '.join(conflicts)}",
+                stacklevel=3,
+            )
+        found[name] = PluginInfo(
+            name=name,
             target=ep.value,
             distribution=dist,
             entry_point=ep,
@@ -175,14 +193,8 @@ def _discover() -> Dict[str, PluginInfo]:
             shape=entry.get("shape", ""),
             options=dict(entry.get("options", {})),
             reference=entry.get("reference", ""),
+            conflicts=conflicts,
         )
-    for plugin in found.values():
-        if plugin.conflicts:
-            warnings.warn(
-                f"flowplugins: bijector name {plugin.name!r} is registered by several "
-                f"distributions: {', '.join(plugin.conflicts)}",
-                stacklevel=2,
-            )
     _cache = found
     return found
 
