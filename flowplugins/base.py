@@ -11,12 +11,23 @@ Conventions, stated once for the whole package:
   only see a flat batch ``(N, C, H, W)``; :class:`Bijector` flattens and restores the rest.
 * **Output shape.** A shape-changing bijector overrides :meth:`Bijector.output_event_shape`;
   composers infer every level's shape from it, nobody writes shapes by hand.
+* **Bad input** is a ``TypeError`` (not a tensor, not floating point, dtype differs from the
+  layer's parameters) or a ``ValueError`` (rank, event shape, device, context batch shape),
+  raised before any computation and naming the layer, the expected and the received value.
+  A context must be a floating-point tensor of the input's dtype, on the input's device.
+  Any floating dtype that matches the parameters is accepted (a parameter-free layer takes
+  any); float32 and float64 are the ones the property suite holds to its tolerances.
+* **Non-finite values** are not checked on every call: that would cost a device
+  synchronisation per layer. Inside :func:`flowplugins.diagnostics.check_finite` every
+  bijector's output and log-det are checked, and the first non-finite one raises
+  :class:`flowplugins.diagnostics.NonFiniteError` naming the layer (and its step index in a
+  composed model). When the mode is off the only cost is one module-level ``None`` test.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +35,11 @@ from torch import Tensor, nn
 EventShape = Tuple[int, int, int]
 
 __all__ = ["Bijector", "EventShape", "as_event_shape", "sum_except_batch"]
+
+# Set by flowplugins.diagnostics while check_finite mode is on: called as
+# ``hook(bijector, direction, input, output, logabsdet)`` after every forward/inverse. A plain
+# module global so that the disabled mode costs one ``is not None`` test per call.
+_finite_hook: Optional[Callable[["Bijector", str, Tensor, Tensor, Tensor], None]] = None
 
 
 def as_event_shape(event_shape: Sequence[int], owner: str = "Bijector") -> EventShape:
@@ -34,7 +50,7 @@ def as_event_shape(event_shape: Sequence[int], owner: str = "Bijector") -> Event
     """
     try:
         shape = tuple(int(s) for s in event_shape)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ValueError(
             f"{owner}: event_shape must be a sequence (C, H, W); got {event_shape!r}"
         ) from err
@@ -48,8 +64,8 @@ def as_event_shape(event_shape: Sequence[int], owner: str = "Bijector") -> Event
 
 
 def sum_except_batch(x: Tensor, batch_dims: int = 1) -> Tensor:
-    """Sum ``x`` over every dimension after the first ``batch_dims``."""
-    return x.reshape(*x.shape[:batch_dims], -1).sum(-1)
+    """Sum ``x`` over every dimension after the first ``batch_dims`` (empty batches allowed)."""
+    return x.flatten(batch_dims).sum(-1) if x.dim() > batch_dims else x
 
 
 class Bijector(nn.Module):
@@ -157,19 +173,37 @@ class Bijector(nn.Module):
                     f"on {ref.device}"
                 )
 
+    def _check_context(self, context: object, x: Tensor, batch_shape, direction: str) -> None:
+        name = f"{type(self).__name__}.{direction}"
+        if not isinstance(context, Tensor):
+            raise TypeError(f"{name}: context must be a torch.Tensor; got {type(context).__name__}")
+        if context.shape[: len(batch_shape)] != batch_shape:
+            raise ValueError(
+                f"{name}: context batch shape {tuple(context.shape[:len(batch_shape)])} does not "
+                f"match the input's {tuple(batch_shape)}; got context of shape "
+                f"{tuple(context.shape)} for input of shape {tuple(x.shape)}"
+            )
+        if context.dtype != x.dtype:
+            raise TypeError(
+                f"{name}: context dtype {context.dtype} does not match the input's {x.dtype}"
+            )
+        if context.device != x.device:
+            raise ValueError(
+                f"{name}: context is on {context.device} but the input is on {x.device}"
+            )
+
     def _apply_flat(self, fn, x: Tensor, context: Optional[Tensor], expected, direction: str):
         self.check_input(x, expected, direction)
         batch_shape = x.shape[: x.dim() - 3]
-        flat = x.reshape(-1, *x.shape[-3:]) if len(batch_shape) != 1 else x
+        n = math.prod(batch_shape)
+        # An explicit size, not -1: reshaping an empty batch with -1 is ambiguous.
+        flat = x.reshape(n, *x.shape[-3:]) if len(batch_shape) != 1 else x
         if context is not None:
-            if context.shape[: len(batch_shape)] != batch_shape:
-                raise ValueError(
-                    f"{type(self).__name__}.{direction}: context batch shape "
-                    f"{tuple(context.shape[:len(batch_shape)])} does not match the input's "
-                    f"{tuple(batch_shape)}"
-                )
-            context = context.reshape(flat.shape[0], *context.shape[len(batch_shape):])
+            self._check_context(context, x, batch_shape, direction)
+            context = context.reshape(n, *context.shape[len(batch_shape):])
         out, logabsdet = fn(flat, context)
+        if _finite_hook is not None:
+            _finite_hook(self, direction, flat, out, logabsdet)
         if len(batch_shape) != 1:
             out = out.reshape(*batch_shape, *out.shape[1:])
             logabsdet = logabsdet.reshape(batch_shape)

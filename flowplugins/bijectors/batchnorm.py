@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -10,6 +12,10 @@ from torch import Tensor, nn
 from ..base import Bijector
 
 __all__ = ["BatchNormFlow", "channel_mean_var"]
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _distributed() -> bool:
@@ -99,7 +105,8 @@ class BatchNormFlow(Bijector):
         eps: added to the variance before the square root, ``> 0``.
 
     Raises:
-        ValueError: if ``momentum`` is outside ``[0, 1]`` or ``eps <= 0``.
+        ValueError: if ``momentum`` is not a number in ``[0, 1]`` or ``eps`` not a finite
+            number ``> 0``.
 
     References:
         Dinh et al., Density estimation using Real NVP, arXiv:1605.08803, §3.7; Ioffe & Szegedy,
@@ -125,10 +132,10 @@ class BatchNormFlow(Bijector):
         self, event_shape: Sequence[int], momentum: float = 0.05, eps: float = 1e-5
     ) -> None:
         super().__init__(event_shape)
-        if not 0.0 <= float(momentum) <= 1.0:
+        if not _is_real(momentum) or not 0.0 <= momentum <= 1.0:
             raise ValueError(f"BatchNormFlow: momentum must be in [0, 1]; got {momentum!r}")
-        if not float(eps) > 0.0:
-            raise ValueError(f"BatchNormFlow: eps must be > 0; got {eps!r}")
+        if not _is_real(eps) or not 0.0 < eps < math.inf:
+            raise ValueError(f"BatchNormFlow: eps must be > 0 and finite; got {eps!r}")
         self.momentum = float(momentum)
         self.eps = float(eps)
         c = self.event_shape[0]
@@ -139,6 +146,9 @@ class BatchNormFlow(Bijector):
 
     def _statistics(self, x: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         if x is None or not self.training:
+            return self.running_mean, self.running_var
+        if x.shape[0] == 0 and not _distributed():
+            # An empty batch has no statistics; var_mean would write NaN into the running ones.
             return self.running_mean, self.running_var
         mean, var = channel_mean_var(x)
         with torch.no_grad():

@@ -31,8 +31,14 @@ def random_rotation(n: int, seed: Optional[int] = None, dtype: Optional[torch.dt
 
 
 def _check_seed(owner: str, seed: Optional[int]) -> None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"{owner}: seed must be None or a non-negative integer; got {seed!r}")
+    valid = seed is None or (
+        isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**64
+    )
+    if not valid:
+        raise ValueError(
+            f"{owner}: seed must be None or a non-negative integer below 2**64 (a torch seed); "
+            f"got {seed!r}"
+        )
 
 
 class _CachedConv1x1(Bijector):
@@ -164,7 +170,7 @@ class LUInvertibleConv1x1(_CachedConv1x1):
             the global torch generator.
 
     Raises:
-        ValueError: if ``seed`` is not ``None`` or a non-negative integer.
+        ValueError: if ``seed`` is not ``None`` or an integer in ``[0, 2**64)``.
 
     References:
         Kingma & Dhariwal, Glow: Generative Flow with Invertible 1x1 Convolutions,
@@ -248,7 +254,7 @@ class InvertibleConv1x1(_CachedConv1x1):
             the global torch generator.
 
     Raises:
-        ValueError: if ``seed`` is not ``None`` or a non-negative integer.
+        ValueError: if ``seed`` is not ``None`` or an integer in ``[0, 2**64)``.
 
     References:
         Kingma & Dhariwal, Glow: Generative Flow with Invertible 1x1 Convolutions,

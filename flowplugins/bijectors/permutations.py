@@ -64,7 +64,7 @@ class ShufflePermutation(Bijector):
             generator.
 
     Raises:
-        ValueError: if ``seed`` is not ``None`` or a non-negative integer.
+        ValueError: if ``seed`` is not ``None`` or an integer in ``[0, 2**64)``.
 
     References:
         Kingma & Dhariwal, Glow: Generative Flow with Invertible 1x1 Convolutions,
@@ -81,9 +81,13 @@ class ShufflePermutation(Bijector):
 
     def __init__(self, event_shape: Sequence[int], seed: Optional[int] = None) -> None:
         super().__init__(event_shape)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        valid = seed is None or (
+            isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**64
+        )
+        if not valid:
             raise ValueError(
-                f"ShufflePermutation: seed must be None or a non-negative integer; got {seed!r}"
+                f"ShufflePermutation: seed must be None or a non-negative integer below 2**64 "
+                f"(a torch seed); got {seed!r}"
             )
         self.seed = seed
         gen = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..base import Bijector, sum_except_batch
-from ..nets import check_context
+from ..nets import _check_positive_int, check_context
 
 __all__ = ["Split2dPrior"]
 
@@ -43,8 +43,8 @@ class Split2dPrior(Bijector):
             label of a class-conditional prior), or ``None``.
 
     Raises:
-        ValueError: if ``C < 2``; at call time if the context does not fit
-            ``context_features``.
+        ValueError: if ``C < 2`` or ``context_features`` is not ``None`` or a positive integer;
+            at call time if the context does not fit ``context_features``.
 
     References:
         Kingma & Dhariwal, Glow, arXiv:1807.03039, §3 and the reference implementation's
@@ -73,6 +73,8 @@ class Split2dPrior(Bijector):
                 f"Split2dPrior: needs at least 2 channels to split into a factored-out and a "
                 f"conditioning half; got event shape {self.event_shape}"
             )
+        if context_features is not None:
+            _check_positive_int("Split2dPrior", "context_features", context_features)
         self.factored_channels = c - c // 2
         self.conditioning_channels = c // 2
         self.context_features = context_features
