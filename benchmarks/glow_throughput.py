@@ -1,0 +1,265 @@
+"""Train and sampling throughput of the same Glow in flowplugins, nflows and normflows.
+
+Builds one multi-scale Glow (see ``benchmarks/_glow.py`` for the architecture) in each library,
+checks that their coupling nets have the same parameter count, and measures in one run, on one
+device:
+
+* train step (forward, mean NLL, backward, Adam step), images/s;
+* sampling (eval mode, temperature 1, no_grad), images/s;
+* peak memory of the training phase: CUDA peak allocated, or on CPU the child process's peak
+  RSS minus its RSS after imports and data;
+* the floor: the same coupling nets' forward + backward alone (train floor; inputs require
+  grad, as inside a flow) and every coupling net run once without grad (sampling floor).
+
+Each library runs in its own process, once per round, in a rotated order. Inside that process
+its train step (and its sampling call) alternates with the floor's, so the ratio
+``library time / floor time`` is measured side by side, immune to load swings between
+processes; the table reports medians over rounds of those ratios. The floor also runs alone in
+a process of its own for its memory and absolute throughput.
+
+Usage::
+
+    python benchmarks/glow_throughput.py --config small --threads 1 --rounds 5
+    python benchmarks/glow_throughput.py --config large --threads 2 --rounds 3 --json
+    python benchmarks/glow_throughput.py --quick        # smoke test, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import (  # noqa: E402
+    make_adam,
+    MemoryMeter,
+    add_common_args,
+    child_setup,
+    emit,
+    log,
+    machine_info,
+    markdown_table,
+    median,
+    rotate,
+    run_child,
+    time_calls,
+    time_paired,
+)
+
+VARIANTS = ("flowplugins", "flowplugins-ms", "nflows", "normflows")
+DEFAULT_VARIANTS = "flowplugins,nflows,normflows"
+# (warmup, timed iterations) per phase.
+ITERS = {"small": (5, 30), "large": (2, 8), "quick": (1, 2)}
+
+
+def _prime(variant: str, device) -> None:
+    """Run one tiny train step and sample before the memory baseline.
+
+    Libraries and torch import modules lazily (backends, the optimizer's helpers); priming
+    loads them all so that the baseline-subtracted peak RSS is the model's, not the imports'.
+    """
+    import torch
+
+    from _glow import BUILDERS, CONFIGS
+
+    library = "flowplugins" if variant.startswith("flowplugins") else variant
+    if library == "floor":
+        library = "nflows"  # any model: it only loads torch's own lazy modules
+    gut = BUILDERS[library](CONFIGS["quick"])
+    gut.module.to(device)
+    optimizer = make_adam(list(gut.module.parameters()))
+    gut.nll(torch.rand(2, *CONFIGS["quick"].shape, device=device)).backward()
+    optimizer.step()
+    gut.module.eval()
+    with torch.no_grad():
+        gut.sample(2)
+
+
+class _Floor:
+    """The floor's two workloads: every coupling net's forward + backward (inputs require
+    grad, as inside a flow), and every coupling net once without grad."""
+
+    def __init__(self, cfg, device) -> None:
+        import torch
+
+        from _glow import floor_nets
+
+        self.nets, shapes = floor_nets(cfg)
+        self.nets.to(device)
+        self.inputs = [torch.randn(cfg.batch, *s, device=device) for s in shapes]
+        with torch.no_grad():
+            self.seeds = [torch.randn_like(net(inp)) for net, inp in zip(self.nets, self.inputs)]
+        self.leaves = [inp.clone().requires_grad_(True) for inp in self.inputs]
+
+    def train(self) -> None:
+        import torch
+
+        for p in self.nets.parameters():
+            p.grad = None
+        for leaf in self.leaves:
+            leaf.grad = None
+        outs = [net(leaf) for net, leaf in zip(self.nets, self.leaves)]
+        torch.autograd.backward(outs, self.seeds)
+
+    def sample(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for net, inp in zip(self.nets, self.inputs):
+                net(inp)
+
+
+def run_model(variant: str, cfg, device, warmup: int, iters: int) -> Dict[str, object]:
+    """Memory of the train step first (nothing else allocated yet), then the model's train
+    and sampling times, each alternated with the floor's in this same process."""
+    import torch
+
+    from _glow import BUILDERS, coupling_nets_of, parameter_counts
+
+    x = torch.rand(cfg.batch, *cfg.shape, device=device)
+    meter = MemoryMeter(device)
+    if variant == "flowplugins-ms":
+        gut = BUILDERS["flowplugins"](cfg, memory_saving=True)
+        library = "flowplugins"
+    else:
+        gut = BUILDERS[variant](cfg)
+        library = variant
+    model = gut.module.to(device)
+    counts = parameter_counts(model, lambda m: coupling_nets_of(library, m))
+    optimizer = make_adam([p for p in model.parameters() if p.requires_grad])
+    model.train()
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = gut.nll(x)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    loss0 = float(train_step().detach())  # ActNorm's data-dependent init happens here
+    for _ in range(warmup):
+        train_step()
+    peak = meter.peak_mib()
+    floor = _Floor(cfg, device)
+    train = time_paired(train_step, floor.train, device, warmup, iters)
+    model.eval()
+
+    def sample():
+        with torch.no_grad():
+            gut.sample(cfg.batch)
+
+    sampling = time_paired(sample, floor.sample, device, warmup, iters)
+    return {"train_s": train["a_s"], "sample_s": sampling["a_s"], "peak_mib": peak,
+            "train_ratio": train["ratio"], "sample_ratio": sampling["ratio"],
+            "floor_train_s": train["b_s"], "floor_sample_s": sampling["b_s"],
+            "params": counts, "first_loss": loss0}
+
+
+def run_floor(cfg, device, warmup: int, iters: int) -> Dict[str, object]:
+    """The floor alone in its own process: its memory and absolute times."""
+    meter = MemoryMeter(device)
+    floor = _Floor(cfg, device)
+    train_s = time_calls(floor.train, device, warmup, iters)
+    peak = meter.peak_mib()
+    floor.nets.eval()
+    sample_s = time_calls(floor.sample, device, warmup, iters)
+    n_params = sum(p.numel() for p in floor.nets.parameters())
+    return {"train_s": train_s, "sample_s": sample_s, "peak_mib": peak,
+            "train_ratio": 1.0, "sample_ratio": 1.0,
+            "params": {"stored": n_params, "effective": n_params, "coupling_nets": n_params}}
+
+
+def child(args) -> None:
+    device = child_setup(args.threads, args.device)
+    from _glow import CONFIGS
+
+    cfg = CONFIGS[args.config]
+    warmup, iters = ITERS[args.config]
+    _prime(args.child, device)
+    if args.child == "floor":
+        emit(run_floor(cfg, device, warmup, iters))
+    else:
+        emit(run_model(args.child, cfg, device, warmup, iters))
+
+
+def summarize(per_round: List[Dict[str, dict]], variants: List[str], batch: int) -> Dict[str, dict]:
+    out: Dict[str, dict] = {}
+    for v in ["floor", *variants]:
+        train = median([rd[v]["train_s"] for rd in per_round])
+        sample = median([rd[v]["sample_s"] for rd in per_round])
+        out[v] = {
+            "params": per_round[0][v]["params"],
+            "train_img_s": batch / train,
+            "train_ratio": median([rd[v]["train_ratio"] for rd in per_round]),
+            "sample_img_s": batch / sample,
+            "sample_ratio": median([rd[v]["sample_ratio"] for rd in per_round]),
+            "peak_mib": median([rd[v]["peak_mib"] for rd in per_round]),
+        }
+    return out
+
+
+def parent(args) -> int:
+    from _glow import CONFIGS
+
+    cfg = CONFIGS[args.config]
+    variants = [v.strip() for v in args.libraries.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        log(f"glow_throughput: unknown --libraries entries {unknown}; choose from {VARIANTS}")
+        return 2
+    script = os.path.abspath(__file__)
+    per_round: List[Dict[str, dict]] = []
+    for r in range(args.rounds):
+        this_round = {}
+        for v in rotate(["floor", *variants], r):
+            child_args = ["--child", v, "--config", args.config, "--device", args.device,
+                          "--threads", str(args.threads)]
+            this_round[v] = run_child(script, child_args, args.threads)
+            log(f"round {r + 1}/{args.rounds} {v}: train {this_round[v]['train_s'] * 1e3:.1f} ms, "
+                f"sample {this_round[v]['sample_s'] * 1e3:.1f} ms, peak {this_round[v]['peak_mib']:.0f} MiB")
+        per_round.append(this_round)
+    summary = summarize(per_round, variants, cfg.batch)
+    nets = {v: s["params"]["coupling_nets"] for v, s in summary.items()}
+    nets_match = len(set(nets.values())) == 1
+    if not nets_match:
+        log(f"glow_throughput: coupling-net parameter counts differ: {nets}")
+    if args.json:
+        print(json.dumps({"machine": machine_info(args.device), "config": cfg.__dict__,
+                          "args": vars(args), "coupling_nets_match": nets_match,
+                          "summary": summary, "rounds": per_round}, indent=2, default=str))
+        return 0 if nets_match else 1
+    print(f"Glow {cfg.describe()}; {args.device}, {args.threads} thread(s); medians of "
+          f"{args.rounds} round(s)\n")
+    header = ["library", "params (stored)", "params (effective)", "coupling-net params",
+              "train img/s", "train / floor", "sample img/s", "sample / floor", "peak MiB"]
+    rows = []
+    for v, s in summary.items():
+        p = s["params"]
+        rows.append([v, p["stored"], p["effective"], p["coupling_nets"], s["train_img_s"],
+                     s["train_ratio"], s["sample_img_s"], s["sample_ratio"], s["peak_mib"]])
+    print(markdown_table(header, rows))
+    return 0 if nets_match else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(parser)
+    parser.add_argument("--config", choices=("small", "large", "quick"), default="small",
+                        help="small: 1×8×8 L2 K4 h64 batch 64; large: 3×32×32 L3 K8 h128 batch 16")
+    parser.add_argument("--libraries", default=DEFAULT_VARIANTS,
+                        help=f"comma-separated, from {','.join(VARIANTS)} (default {DEFAULT_VARIANTS})")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.config, args.rounds = "quick", min(args.rounds, 1)
+    if args.child:
+        child(args)
+        return 0
+    return parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

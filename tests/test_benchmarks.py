@@ -1,0 +1,70 @@
+"""Smoke tests of the benchmark scripts: each runs in --quick mode and prints its table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+pytest.importorskip("nflows")
+pytest.importorskip("normflows")
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick", *args],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+
+
+def _table_rows(stdout: str):
+    return [line for line in stdout.splitlines() if line.startswith("| ") and "---" not in line]
+
+
+def test_glow_throughput_quick_prints_table_with_equal_coupling_nets():
+    proc = _run("glow_throughput.py", "--libraries", "flowplugins,flowplugins-ms,nflows,normflows")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _table_rows(proc.stdout)
+    names = [row.split("|")[1].strip() for row in rows[1:]]
+    assert names == ["floor", "flowplugins", "flowplugins-ms", "nflows", "normflows"]
+    header = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    nets = {row.split("|")[1].strip(): row.split("|")[1 + header.index("coupling-net params")].strip()
+            for row in rows[1:]}
+    assert len(set(nets.values())) == 1, nets
+    assert "round 1/1" in proc.stderr  # diagnostics go to stderr, not into the table
+
+
+def test_glow_throughput_json():
+    proc = _run("glow_throughput.py", "--json", "--libraries", "flowplugins")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(proc.stdout)
+    assert data["coupling_nets_match"] is True
+    assert set(data["summary"]) == {"floor", "flowplugins"}
+    assert data["summary"]["floor"]["train_ratio"] == pytest.approx(1.0)
+
+
+def test_glow_throughput_rejects_unknown_library():
+    proc = _run("glow_throughput.py", "--libraries", "flowplugins,tensorflow")
+    assert proc.returncode == 2
+    assert "tensorflow" in proc.stderr
+
+
+def test_conv1x1_micro_quick_prints_table():
+    proc = _run("conv1x1_micro.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _table_rows(proc.stdout)
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["W x", "W⁻¹ z", "train"]
+
+
+def test_memory_depth_quick_prints_table():
+    proc = _run("memory_depth.py", "--libraries", "flowplugins,flowplugins-ms")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _table_rows(proc.stdout)
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["flowplugins", "flowplugins-ms"]
