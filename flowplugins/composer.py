@@ -111,15 +111,27 @@ def _parse_steps(specs: Any, what: str) -> List[Tuple[str, Dict[str, Any]]]:
     return [parse_step(s, f"multiscale: {what}[{i}]") for i, s in enumerate(specs)]
 
 
-def _check_positive_int(owner: str, label: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}: {label} must be a positive integer; got {value!r}")
+def _check_count(owner: str, label: str, value: Any, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{owner}: {label} must be a {kind} integer; got {value!r}")
     return value
 
 
 def _check_backend(owner: str, backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"{owner}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _coupling_name(owner: str, coupling: str) -> str:
+    """The registry name of a preset's ``coupling`` argument (a short or a registry name)."""
+    name = _COUPLINGS.get(coupling, coupling)
+    if name not in _COUPLINGS.values():
+        raise ValueError(
+            f"{owner}: coupling must be one of {', '.join(_COUPLINGS)} (or {', '.join(_COUPLINGS.values())}); "
+            f"got {coupling!r}"
+        )
+    return name
 
 
 # ------------------------------------------------------------------------- builder
@@ -232,11 +244,11 @@ def multiscale(
     """
     owner = "multiscale"
     shape = as_event_shape(event_shape, owner)
-    _check_positive_int(owner, "levels", levels)
-    _check_positive_int(owner, "depth", depth)
+    _check_count(owner, "levels", levels)
+    _check_count(owner, "depth", depth)
     _check_backend(owner, backend)
     if context_features is not None:
-        _check_positive_int(owner, "context_features", context_features)
+        _check_count(owner, "context_features", context_features)
     if memory_saving and backend == "nflows":
         raise ValueError(
             "multiscale: memory_saving=True needs backend 'torch' or 'pyro'; an nflows Flow runs "
@@ -355,17 +367,12 @@ def glow(
         >>> model.sample(4, temperature=0.7).shape
         torch.Size([4, 3, 8, 8])
     """
-    coupling_name = _COUPLINGS.get(coupling, coupling)
-    if coupling_name not in _COUPLINGS.values():
-        raise ValueError(
-            f"glow: coupling must be one of {', '.join(_COUPLINGS)} (or {', '.join(_COUPLINGS.values())}); "
-            f"got {coupling!r}"
-        )
+    coupling_name = _coupling_name("glow", coupling)
     if permutation not in _PERMUTATIONS:
         raise ValueError(
             f"glow: permutation must be one of {', '.join(_PERMUTATIONS)}; got {permutation!r}"
         )
-    _check_positive_int("glow", "hidden", hidden)
+    _check_count("glow", "hidden", hidden)
     step = [{"name": "actnorm"}, {"name": permutation}, {"name": coupling_name, "hidden": hidden}]
     return multiscale(
         event_shape,
@@ -451,16 +458,10 @@ def realnvp(
         >>> model.log_prob(torch.rand(5, 1, 8, 8)).shape
         torch.Size([5])
     """
-    coupling_name = _COUPLINGS.get(coupling, coupling)
-    if coupling_name not in _COUPLINGS.values():
-        raise ValueError(
-            f"realnvp: coupling must be one of {', '.join(_COUPLINGS)} (or {', '.join(_COUPLINGS.values())}); "
-            f"got {coupling!r}"
-        )
-    _check_positive_int("realnvp", "hidden", hidden)
-    for label, value in (("checkerboard", checkerboard), ("final_checkerboard", final_checkerboard)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"realnvp: {label} must be a non-negative integer; got {value!r}")
+    coupling_name = _coupling_name("realnvp", coupling)
+    _check_count("realnvp", "hidden", hidden)
+    _check_count("realnvp", "checkerboard", checkerboard, allow_zero=True)
+    _check_count("realnvp", "final_checkerboard", final_checkerboard, allow_zero=True)
     bn = [{"name": "batchnorm"}] if batch_norm else []
 
     def checkers(count: int) -> List[Dict[str, Any]]:

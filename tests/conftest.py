@@ -74,3 +74,7 @@ def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     if chosen not in ("all", request.param):
         pytest.skip(f"dtype {request.param} not selected (--dtype {chosen})")
     return DTYPES[request.param]
+
+
+# Shared test helpers (tests/helpers.py) assert too; rewrite them so failures show the values.
+pytest.register_assert_rewrite("helpers")

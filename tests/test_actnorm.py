@@ -9,21 +9,9 @@ import torch
 
 from flowplugins.bijectors import actnorm as actnorm_module
 from flowplugins.bijectors.actnorm import ActNorm, channel_moments_from_sums, channel_sums
+from helpers import autograd_logabsdet, perturb
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def jacobian_logabsdet(fn, x):
-    """Per-sample log|det ∂fn/∂x| by brute-force autograd (float64, tiny inputs only)."""
-
-    def single(xi):
-        return fn(xi.unsqueeze(0))[0].reshape(-1)
-
-    dets = []
-    for xi in x:
-        jac = torch.autograd.functional.jacobian(single, xi)
-        dets.append(torch.linalg.slogdet(jac.reshape(xi.numel(), xi.numel()))[1])
-    return torch.stack(dets)
 
 
 def data(*shape, dtype=torch.float32, seed=0):
@@ -214,26 +202,18 @@ def test_distributed_init_with_real_process_group(tmp_path):
         torch.testing.assert_close(out[rank], expected, rtol=1e-10, atol=1e-10)
 
 
-def perturbed(layer, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return layer
-
-
 def test_logabsdet_matches_autograd_jacobian():
     layer = ActNorm((2, 2, 3)).double()
     layer(data(8, 2, 2, 3, dtype=torch.float64))
-    perturbed(layer)
+    perturb(layer, 0.5)
     x = data(3, 2, 2, 3, dtype=torch.float64, seed=10)
     _, ld = layer(x)
-    torch.testing.assert_close(ld, jacobian_logabsdet(layer, x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ld, autograd_logabsdet(layer, x), rtol=1e-10, atol=1e-10)
     z, _ = layer(x)
     _, ld_inv = layer.inverse(z)
     torch.testing.assert_close(ld_inv, -ld, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(
-        ld_inv, jacobian_logabsdet(layer.inverse, z), rtol=1e-10, atol=1e-10
+        ld_inv, autograd_logabsdet(layer.inverse, z), rtol=1e-10, atol=1e-10
     )
 
 
@@ -243,7 +223,7 @@ def test_logabsdet_matches_autograd_jacobian():
 def test_round_trip_after_perturbation(dtype, tol):
     layer = ActNorm((3, 4, 4)).to(dtype)
     layer(data(8, 3, 4, 4, dtype=dtype))
-    perturbed(layer)
+    perturb(layer, 0.5)
     x = data(2, 5, 3, 4, 4, dtype=dtype, seed=11)
     z, ld = layer(x)
     x_back, ld_inv = layer.inverse(z)
@@ -261,7 +241,7 @@ def test_gradients_reach_every_parameter():
 
 
 def test_logabsdet_of_each_sample_is_independent_of_the_batch():
-    layer = perturbed(ActNorm((2, 3, 3)).eval())
+    layer = perturb(ActNorm((2, 3, 3)).eval(), 0.5)
     x = data(4, 2, 3, 3)
     _, ld = layer(x)
     _, ld_one = layer(x[2:3])

@@ -1,7 +1,6 @@
 """Tests of RealNVP's batch-norm flow (flowplugins.bijectors.batchnorm)."""
 
 import doctest
-import inspect
 import math
 
 import pytest
@@ -9,7 +8,8 @@ import torch
 
 import flowplugins.bijectors.batchnorm as batchnorm_module
 from flowplugins.bijectors.batchnorm import BatchNormFlow, channel_mean_var
-from flowplugins.registry import load_registry_yaml
+from flowplugins.testing import perturb_parameters
+from helpers import assert_options_match_registry, autograd_logabsdet
 
 F64 = torch.float64
 
@@ -18,29 +18,13 @@ F64 = torch.float64
 def perturb(layer: BatchNormFlow, scale: float = 0.3, seed: int = 0) -> None:
     """Move the parameters and the running statistics away from their initial values."""
     gen = torch.Generator().manual_seed(seed)
-    for p in layer.parameters():
-        p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device))
+    perturb_parameters(layer, scale, gen)
     layer.running_mean.add_(torch.randn(layer.running_mean.shape, generator=gen, dtype=F64))
     layer.running_var.mul_(torch.rand(layer.running_var.shape, generator=gen, dtype=F64) + 0.5)
 
 
-def autograd_logabsdet(fn, x):
-    """Per-sample log|det| of the Jacobian of ``fn`` (which returns ``(out, logabsdet)``)."""
-    values = []
-    for i in range(x.shape[0]):
-        xi = x[i : i + 1]
-        jac = torch.autograd.functional.jacobian(
-            lambda v: fn(v.reshape(xi.shape))[0].reshape(-1), xi.reshape(-1)
-        )
-        values.append(torch.linalg.slogdet(jac)[1])
-    return torch.stack(values)
-
-
 def test_constructor_options_match_the_registry():
-    options = load_registry_yaml()["batchnorm"]["options"]
-    params = list(inspect.signature(BatchNormFlow).parameters.values())
-    assert params[0].name == "event_shape"
-    assert {p.name: p.default for p in params[1:]} == options
+    assert_options_match_registry(BatchNormFlow, "batchnorm")
     assert BatchNormFlow.batch_dependent_in_training is True
 
 

@@ -1,7 +1,6 @@
 """Tests of RealNVP's checkerboard coupling (flowplugins.bijectors.checkerboard)."""
 
 import doctest
-import inspect
 
 import pytest
 import torch
@@ -9,45 +8,24 @@ from torch import nn
 
 import flowplugins.bijectors.checkerboard as checkerboard_module
 from flowplugins.bijectors.checkerboard import CheckerboardCoupling
-from flowplugins.registry import load_registry_yaml
+from helpers import (
+    assert_extra_batch_dims,
+    assert_options_match_registry,
+    assert_round_trip_on_device,
+    autograd_jacobians,
+    perturb,
+)
 
 F64 = torch.float64
 
 
-@torch.no_grad()
-def perturb(module: nn.Module, scale: float = 0.2, seed: int = 0) -> None:
-    """Move every parameter away from its initialisation (the last conv starts at zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device))
-
-
-def autograd_jacobians(fn, x, context=None):
-    """Per-sample Jacobians ``(N, D, D)`` of ``fn`` (returning ``(out, logabsdet)``)."""
-    jacs = []
-    for i in range(x.shape[0]):
-        xi = x[i : i + 1]
-        ci = None if context is None else context[i : i + 1]
-        jacs.append(
-            torch.autograd.functional.jacobian(
-                lambda v: fn(v.reshape(xi.shape), ci)[0].reshape(-1), xi.reshape(-1)
-            )
-        )
-    return torch.stack(jacs)
-
-
 def make(event_shape, **options):
     options.setdefault("hidden", 8)
-    layer = CheckerboardCoupling(event_shape, **options).to(F64)
-    perturb(layer)
-    return layer
+    return perturb(CheckerboardCoupling(event_shape, **options).to(F64))
 
 
 def test_constructor_options_match_the_registry():
-    options = load_registry_yaml()["checkerboard_coupling"]["options"]
-    params = list(inspect.signature(CheckerboardCoupling).parameters.values())
-    assert params[0].name == "event_shape"
-    assert {p.name: p.default for p in params[1:]} == options
+    assert_options_match_registry(CheckerboardCoupling, "checkerboard_coupling")
 
 
 @pytest.mark.parametrize("parity", [0, 1])
@@ -135,12 +113,7 @@ def test_extra_batch_dims_and_context():
     layer = make((2, 4, 4), context_features=3)
     x = torch.randn(3, 4, 2, 4, 4, dtype=F64)
     ctx = torch.randn(3, 4, 3, dtype=F64)
-    z, ld = layer(x, ctx)
-    assert z.shape == x.shape and ld.shape == (3, 4)
-    z_flat, ld_flat = layer(x.reshape(12, 2, 4, 4), ctx.reshape(12, 3))
-    torch.testing.assert_close(z.reshape(12, 2, 4, 4), z_flat)
-    torch.testing.assert_close(ld.reshape(12), ld_flat)
-    assert (layer.inverse(z, ctx)[0] - x).abs().max() < 1e-10
+    assert_extra_batch_dims(layer, x, ctx)
 
 
 def test_context_path_gradients():
@@ -191,11 +164,7 @@ def test_round_trip_on_device(device):
     layer = make((2, 4, 4), parity=1, context_features=2).to(device)
     x = torch.randn(3, 2, 4, 4, dtype=F64, device=device)
     ctx = torch.randn(3, 2, dtype=F64, device=device)
-    z, ld = layer(x, ctx)
-    x_back, ld_inv = layer.inverse(z, ctx)
-    assert z.device == ld.device == x.device and ld.shape == (3,)
-    assert (x_back - x).abs().max() < 1e-10
-    torch.testing.assert_close(ld_inv, -ld)
+    assert_round_trip_on_device(layer, x, ctx)
 
 
 def test_docstring_examples_run():

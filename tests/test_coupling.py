@@ -1,7 +1,6 @@
 """Tests of the channel-wise couplings (flowplugins.bijectors.coupling)."""
 
 import doctest
-import inspect
 import math
 
 import pytest
@@ -10,47 +9,27 @@ from torch import nn
 
 import flowplugins.bijectors.coupling as coupling_module
 from flowplugins.bijectors.coupling import AdditiveCoupling, AffineCoupling
-from flowplugins.registry import load_registry_yaml
+from helpers import (
+    assert_extra_batch_dims,
+    assert_options_match_registry,
+    assert_round_trip_on_device,
+    autograd_logabsdet,
+    perturb,
+)
 
 COUPLINGS = [AffineCoupling, AdditiveCoupling]
 F64 = torch.float64
 
 
-@torch.no_grad()
-def perturb(module: nn.Module, scale: float = 0.2, seed: int = 0) -> None:
-    """Move every parameter away from its initialisation (the last conv starts at zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device))
-
-
-def autograd_logabsdet(fn, x, context=None):
-    """Per-sample log|det| of the Jacobian of ``fn`` (which returns ``(out, logabsdet)``)."""
-    values = []
-    for i in range(x.shape[0]):
-        xi = x[i : i + 1]
-        ci = None if context is None else context[i : i + 1]
-        jac = torch.autograd.functional.jacobian(
-            lambda v: fn(v.reshape(xi.shape), ci)[0].reshape(-1), xi.reshape(-1)
-        )
-        values.append(torch.linalg.slogdet(jac)[1])
-    return torch.stack(values)
-
-
 def make(cls, event_shape, **options):
     options.setdefault("hidden", 8)
-    layer = cls(event_shape, **options).to(F64)
-    perturb(layer)
-    return layer
+    return perturb(cls(event_shape, **options).to(F64))
 
 
 @pytest.mark.parametrize("cls", COUPLINGS)
 def test_constructor_options_match_the_registry(cls):
     entry = {AffineCoupling: "affine_coupling", AdditiveCoupling: "additive_coupling"}[cls]
-    options = load_registry_yaml()[entry]["options"]
-    params = list(inspect.signature(cls).parameters.values())
-    assert params[0].name == "event_shape"
-    assert {p.name: p.default for p in params[1:]} == options
+    assert_options_match_registry(cls, entry)
 
 
 def test_additive_is_the_identity_at_init():
@@ -129,12 +108,7 @@ def test_extra_batch_dims(cls):
     layer = make(cls, (3, 4, 4), context_features=2)
     x = torch.randn(3, 4, 3, 4, 4, dtype=F64)
     ctx = torch.randn(3, 4, 2, dtype=F64)
-    z, ld = layer(x, ctx)
-    assert z.shape == x.shape and ld.shape == (3, 4)
-    z_flat, ld_flat = layer(x.reshape(12, 3, 4, 4), ctx.reshape(12, 2))
-    torch.testing.assert_close(z.reshape(12, 3, 4, 4), z_flat)
-    torch.testing.assert_close(ld.reshape(12), ld_flat)
-    assert (layer.inverse(z, ctx)[0] - x).abs().max() < 1e-10
+    assert_extra_batch_dims(layer, x, ctx)
 
 
 @pytest.mark.parametrize("cls", COUPLINGS)
@@ -226,11 +200,7 @@ def test_round_trip_on_device(cls, device):
     layer = make(cls, (4, 4, 4), context_features=2).to(device)
     x = torch.randn(3, 4, 4, 4, dtype=F64, device=device)
     ctx = torch.randn(3, 2, dtype=F64, device=device)
-    z, ld = layer(x, ctx)
-    x_back, ld_inv = layer.inverse(z, ctx)
-    assert z.device == ld.device == x.device and ld.shape == (3,)
-    assert (x_back - x).abs().max() < 1e-10
-    torch.testing.assert_close(ld_inv, -ld)
+    assert_round_trip_on_device(layer, x, ctx)
 
 
 def test_docstring_examples_run():

@@ -8,14 +8,7 @@ from torch import nn
 
 import flowplugins.nets as nets_module
 from flowplugins.nets import CouplingNet, build_net, check_context
-
-
-@torch.no_grad()
-def perturb(module: nn.Module, scale: float = 0.2, seed: int = 0) -> None:
-    """Move every parameter away from its initialisation (the last conv starts at zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device))
+from helpers import perturb
 
 
 def test_architecture_and_zero_output_at_init():

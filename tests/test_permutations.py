@@ -6,21 +6,9 @@ import pytest
 import torch
 
 from flowplugins.bijectors.permutations import ReversePermutation, ShufflePermutation
+from helpers import autograd_logabsdet
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def jacobian_logabsdet(fn, x):
-    """Per-sample log|det ∂fn/∂x| by brute-force autograd (float64, tiny inputs only)."""
-
-    def single(xi):
-        return fn(xi.unsqueeze(0))[0].reshape(-1)
-
-    dets = []
-    for xi in x:
-        jac = torch.autograd.functional.jacobian(single, xi)
-        dets.append(torch.linalg.slogdet(jac.reshape(xi.numel(), xi.numel()))[1])
-    return torch.stack(dets)
 
 
 def layers(c=5, h=2, w=3):
@@ -42,7 +30,7 @@ def test_round_trip_is_exact_with_zero_logabsdet(layer, dtype, batch_shape):
 @pytest.mark.parametrize("layer", layers(c=3, h=1, w=2), ids=type)
 def test_logabsdet_matches_autograd_jacobian(layer):
     x = torch.randn(2, 3, 1, 2, dtype=torch.float64)
-    torch.testing.assert_close(jacobian_logabsdet(layer, x), layer(x)[1])
+    torch.testing.assert_close(autograd_logabsdet(layer, x), layer(x)[1])
 
 
 def test_reverse_reverses_channels():

@@ -1,7 +1,6 @@
 """Tests of Glow's split2d prior as a bijection (flowplugins.bijectors.split2d)."""
 
 import doctest
-import inspect
 
 import pytest
 import torch
@@ -9,43 +8,23 @@ from torch import nn
 
 import flowplugins.bijectors.split2d as split2d_module
 from flowplugins.bijectors.split2d import Split2dPrior
-from flowplugins.registry import load_registry_yaml
+from helpers import (
+    assert_extra_batch_dims,
+    assert_options_match_registry,
+    assert_round_trip_on_device,
+    autograd_logabsdet,
+    perturb,
+)
 
 F64 = torch.float64
 
 
-@torch.no_grad()
-def perturb(module: nn.Module, scale: float = 0.2, seed: int = 0) -> None:
-    """Move every parameter away from its (zero) initialisation."""
-    gen = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device))
-
-
-def autograd_logabsdet(fn, x, context=None):
-    """Per-sample log|det| of the Jacobian of ``fn`` (which returns ``(out, logabsdet)``)."""
-    values = []
-    for i in range(x.shape[0]):
-        xi = x[i : i + 1]
-        ci = None if context is None else context[i : i + 1]
-        jac = torch.autograd.functional.jacobian(
-            lambda v: fn(v.reshape(xi.shape), ci)[0].reshape(-1), xi.reshape(-1)
-        )
-        values.append(torch.linalg.slogdet(jac)[1])
-    return torch.stack(values)
-
-
 def make(event_shape, **options):
-    layer = Split2dPrior(event_shape, **options).to(F64)
-    perturb(layer)
-    return layer
+    return perturb(Split2dPrior(event_shape, **options).to(F64))
 
 
 def test_constructor_options_match_the_registry():
-    options = load_registry_yaml()["split2d_prior"]["options"]
-    params = list(inspect.signature(Split2dPrior).parameters.values())
-    assert params[0].name == "event_shape"
-    assert {p.name: p.default for p in params[1:]} == options
+    assert_options_match_registry(Split2dPrior, "split2d_prior")
 
 
 @pytest.mark.parametrize("channels", [2, 3, 4, 5])
@@ -166,12 +145,7 @@ def test_conditional_params_validate_their_input():
 def test_extra_batch_dims():
     layer = make((3, 4, 4))
     x = torch.randn(3, 4, 3, 4, 4, dtype=F64)
-    z, ld = layer(x)
-    assert z.shape == x.shape and ld.shape == (3, 4)
-    z_flat, ld_flat = layer(x.reshape(12, 3, 4, 4))
-    torch.testing.assert_close(z.reshape(12, 3, 4, 4), z_flat)
-    torch.testing.assert_close(ld.reshape(12), ld_flat)
-    assert (layer.inverse(z)[0] - x).abs().max() < 1e-10
+    assert_extra_batch_dims(layer, x)
 
 
 def test_class_conditional_context():
@@ -214,11 +188,7 @@ def test_round_trip_and_sample_on_device(device):
     layer = make((5, 4, 4), context_features=2).to(device)
     x = torch.randn(3, 5, 4, 4, dtype=F64, device=device)
     ctx = torch.randn(3, 2, dtype=F64, device=device)
-    z, ld = layer(x, ctx)
-    x_back, ld_inv = layer.inverse(z, ctx)
-    assert z.device == ld.device == x.device and ld.shape == (3,)
-    assert (x_back - x).abs().max() < 1e-10
-    torch.testing.assert_close(ld_inv, -ld)
+    assert_round_trip_on_device(layer, x, ctx)
     assert layer.sample(x[:, 3:], 0.5, ctx).device == x.device
 
 
