@@ -152,7 +152,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, metavar="P", help="dropout in the coupling nets")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, metavar="N")
-    g.add_argument("--batch-size", type=int, metavar="B")
+    g.add_argument("--batch-size", type=int, metavar="B",
+                   help="global batch; under torchrun each process takes B / processes")
     g.add_argument("--lr", type=float)
     g.add_argument("--warmup-steps", type=int, metavar="N")
     g.add_argument("--lr-schedule", choices=["cosine", "constant"])
