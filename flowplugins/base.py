@@ -137,12 +137,34 @@ class Bijector(nn.Module):
 
     # ---------------------------------------------------------------- helpers
     def _reference_tensor(self) -> Optional[Tensor]:
-        for p in self.parameters():
-            return p
-        for b in self.buffers():
-            if b.is_floating_point():
-                return b
-        return None
+        # Walking self.parameters() costs a generator over every submodule per call; remember
+        # where the first tensor lives instead, and re-walk only when that path no longer
+        # holds the same objects (a replaced submodule, parameter or buffer).
+        path = self.__dict__.get("_reference_path")
+        if path is not None:
+            module = self
+            for name in path[:-1]:
+                module = module._modules.get(name)
+                if module is None:
+                    break
+            else:
+                found = module._parameters.get(path[-1])
+                if found is None:
+                    found = module._buffers.get(path[-1])
+                if found is not None and found is self.__dict__.get("_reference_cached"):
+                    return found
+        ref, where = None, None
+        for name, p in self.named_parameters():
+            ref, where = p, name
+            break
+        else:
+            for name, b in self.named_buffers():
+                if b.is_floating_point():
+                    ref, where = b, name
+                    break
+        self.__dict__["_reference_path"] = None if where is None else tuple(where.split("."))
+        self.__dict__["_reference_cached"] = ref
+        return ref
 
     def check_input(self, x: Tensor, expected: Sequence[int], direction: str) -> None:
         """Raise a clear error if ``x`` is not a ``(..., *expected)`` floating tensor that
@@ -155,7 +177,7 @@ class Bijector(nn.Module):
                 f"{name}.{direction}: input must be a floating-point tensor; got dtype {x.dtype}"
             )
         expected = tuple(expected)
-        if x.dim() < len(expected) or tuple(x.shape[-len(expected):]) != expected:
+        if x.dim() < len(expected) or x.shape[-len(expected):] != expected:
             raise ValueError(
                 f"{name}.{direction}: expected input of shape (..., {', '.join(map(str, expected))}); "
                 f"got {tuple(x.shape)}"
@@ -194,6 +216,12 @@ class Bijector(nn.Module):
 
     def _apply_flat(self, fn, x: Tensor, context: Optional[Tensor], expected, direction: str):
         self.check_input(x, expected, direction)
+        if context is None and x.dim() == 4:
+            # The common case (a flat batch, no context): nothing to flatten or restore.
+            out, logabsdet = fn(x, None)
+            if _finite_hook is not None:
+                _finite_hook(self, direction, x, out, logabsdet)
+            return out, logabsdet
         batch_shape = x.shape[: x.dim() - 3]
         n = math.prod(batch_shape)
         # An explicit size, not -1: reshaping an empty batch with -1 is ambiguous.

@@ -135,18 +135,25 @@ def test_round_trip_after_perturbation(cls, grad, dtype, tol):
 
 @pytest.mark.parametrize("cls", CLASSES)
 def test_applied_as_one_1x1_convolution(cls, monkeypatch):
+    """One C×C matrix per direction, applied at every pixel (a batched matmul, not conv2d)."""
+    import flowplugins.bijectors.conv1x1 as conv1x1
+
     seen = []
-    original = F.conv2d
+    original = conv1x1.apply_channel_matrix
 
-    def spy(input, weight, *args, **kwargs):
-        seen.append((tuple(input.shape), tuple(weight.shape)))
-        return original(input, weight, *args, **kwargs)
+    def spy(weight, x, *args, **kwargs):
+        seen.append((tuple(x.shape), tuple(weight.shape)))
+        return original(weight, x, *args, **kwargs)
 
-    monkeypatch.setattr(F, "conv2d", spy)
-    layer = cls((5, 3, 3), seed=0)
-    z, _ = layer(torch.randn(7, 5, 3, 3))
+    monkeypatch.setattr(conv1x1, "apply_channel_matrix", spy)
+    layer = cls((5, 3, 3), seed=0).double()
+    x = randn(7, 5, 3, 3)
+    z, _ = layer(x)
+    assert seen == [((7, 5, 3, 3), (5, 5))]
+    w = layer.weight_matrix().detach()
+    torch.testing.assert_close(z, F.conv2d(x, w.view(5, 5, 1, 1)), rtol=0, atol=1e-12)
     layer.inverse(z)
-    assert seen == [((7, 5, 3, 3), (5, 5, 1, 1))] * 2
+    assert seen == [((7, 5, 3, 3), (5, 5))] * 2
 
 
 def _count_builds(layer, monkeypatch):

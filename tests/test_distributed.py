@@ -7,6 +7,7 @@ has no process group (so ActNorm and the batch-norm flow reduce nothing).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -188,6 +189,7 @@ def _steps_worker(rank: int, world: int, port: int, out: str) -> None:
         results[arch] = {"first": first, "losses": losses,
                          "state": {k: v.clone() for k, v in trainable.state_dict().items()}}
     torch.save(results, Path(out) / f"rank{rank}.pt")
+    gc.collect()
     torch.distributed.destroy_process_group()
 
 
@@ -275,8 +277,11 @@ def _train_worker(rank: int, world: int, port: int, out: str, kill_at_epoch) -> 
     try:
         train(config, data=tiny_data(n_train=64))
     except _Killed:
-        pass
+        # Both ranks stop at the same epoch; meet before tearing the group down, so neither
+        # destroys it while the other is still inside a collective (gloo aborts then).
+        torch.distributed.barrier()
     finally:
+        gc.collect()  # free DDP reducers before their group (see distributed._destroy_group)
         torch.distributed.destroy_process_group()
 
 

@@ -172,9 +172,11 @@ class ActNorm(Bijector):
         self.initialized.fill_(True)
         self._known_initialized = True
 
-    def _logabsdet(self, n: int) -> Tensor:
+    def _logabsdet(self, n: int, sign: int = 1) -> Tensor:
         _, h, w = self.event_shape
-        return (self.log_scale.sum() * (h * w)).repeat(n)
+        # expand, not repeat: a stride-0 view costs no copy (the composer and memory saving
+        # accumulate log-dets out of place).
+        return (self.log_scale.sum() * (sign * h * w)).expand(n)
 
     def _forward(self, x: Tensor, context: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         if self.training and not self._is_initialized():
@@ -186,7 +188,7 @@ class ActNorm(Bijector):
 
     def _inverse(self, z: Tensor, context: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         x = torch.addcmul(-self.shift, z, torch.exp(-self.log_scale))
-        return x, -self._logabsdet(z.shape[0])
+        return x, self._logabsdet(z.shape[0], -1)
 
     def extra_repr(self) -> str:
         return f"event_shape={self.event_shape}, scale={self.scale}, eps={self.eps}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import Bijector
@@ -41,8 +40,29 @@ def _check_seed(owner: str, seed: Optional[int]) -> None:
         )
 
 
+def apply_channel_matrix(weight: Tensor, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``out[n, :, h, w] = weight @ x[n, :, h, w] (+ bias)``: a 1x1 convolution as a batched matmul.
+
+    ``torch.bmm`` over ``(N, C, H·W)`` rather than ``F.conv2d`` with a ``C×C×1×1`` kernel: on
+    CPU, oneDNN's convolution has a large fixed cost per call and no fast path for 1x1 kernels
+    on small images (2-13× slower than the matmul at the shapes of a Glow, ``BENCHMARKS.md``).
+    The ``weight`` is broadcast with ``expand``, so it is never copied per sample.
+
+    Shapes:
+        weight: (C_out, C), x: (N, C, H, W), bias: (C_out,) -> (N, C_out, H, W)
+    """
+    n, c, h, w = x.shape
+    c_out = weight.shape[0]
+    x3 = x.reshape(n, c, h * w)
+    if bias is None:
+        out = torch.bmm(weight.expand(n, c_out, c), x3)
+    else:
+        out = torch.baddbmm(bias.view(1, c_out, 1), weight.expand(n, c_out, c), x3)
+    return out.view(n, c_out, h, w)
+
+
 class _CachedConv1x1(Bijector):
-    """Shared machinery: apply ``W`` as a 1x1 convolution and cache derived matrices.
+    """Shared machinery: apply ``W`` as a 1x1 convolution (a batched matmul) and cache derived matrices.
 
     Derived quantities (``W``, ``W⁻¹``, ``log|det W|``) are cached only in eval mode and only
     while autograd is not recording for the parameters (``torch.no_grad()``,
@@ -117,20 +137,19 @@ class _CachedConv1x1(Bijector):
         return self._get("weight", self._build_weight)
 
     def _conv(self, x: Tensor, weight: Tensor) -> Tensor:
-        c = self.event_shape[0]
-        return F.conv2d(x, weight.reshape(c, c, 1, 1))
+        return apply_channel_matrix(weight, x)
 
     def _forward(self, x: Tensor, context: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         _, h, w = self.event_shape
         weight = self._get("weight", self._build_weight)
         ld = self._get("logabsdet", self._build_logabsdet) * (h * w)
-        return self._conv(x, weight), ld.repeat(x.shape[0])
+        return self._conv(x, weight), ld.expand(x.shape[0])
 
     def _inverse(self, z: Tensor, context: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         _, h, w = self.event_shape
         weight_inv = self._get("inverse", self._build_inverse_weight)
-        ld = self._get("logabsdet", self._build_logabsdet) * (h * w)
-        return self._conv(z, weight_inv), (-ld).repeat(z.shape[0])
+        ld = self._get("logabsdet", self._build_logabsdet) * (-(h * w))
+        return self._conv(z, weight_inv), ld.expand(z.shape[0])
 
 
 class LUInvertibleConv1x1(_CachedConv1x1):
@@ -149,7 +168,8 @@ class LUInvertibleConv1x1(_CachedConv1x1):
     diagonal non-zero, so ``W`` is invertible for any parameter values. Initialised from the LU
     decomposition of a random rotation.
 
-    Applied as a real 1x1 convolution (one ``C×C`` weight, never a per-pixel matrix). The inverse
+    Applied as a batched matmul over ``(N, C, H·W)`` (one ``C×C`` weight, never a per-pixel
+    matrix; see :func:`apply_channel_matrix`). The inverse
     uses ``W⁻¹ = (U + diag)⁻¹ L⁻¹ Pᵀ`` by two triangular solves of the ``C×C`` factors.
 
     **Train/eval.** In eval mode without autograd recording for the parameters (sampling,
@@ -201,26 +221,34 @@ class LUInvertibleConv1x1(_CachedConv1x1):
         # P @ M == M[permutation]: row i of P has its 1 in column permutation[i].
         self.register_buffer("permutation", p.argmax(dim=1))
         self.register_buffer("sign", torch.sign(s).to(dtype))
+        # Constant masks, built once rather than by tril/triu/eye on every training step. Not
+        # persistent: the state dict is unchanged, and .to()/.double() still move them.
+        self.register_buffer("_eye", torch.eye(c, dtype=dtype), persistent=False)
+        self.register_buffer("_strict_lower", torch.ones(c, c, dtype=dtype).tril(-1), persistent=False)
+        self.register_buffer("_strict_upper", torch.ones(c, c, dtype=dtype).triu(1), persistent=False)
+
+    def _permutation_matrix(self) -> Tensor:
+        # Dense P (rows of the identity) from the buffer on every build, so that a loaded
+        # ``permutation`` is always honoured; a matmul by a constant has a cheaper backward
+        # than the row gather (whose backward scatters into zeros).
+        return self._eye[self.permutation]
 
     def _factors(self) -> Tuple[Tensor, Tensor]:
-        c = self.event_shape[0]
-        eye = torch.eye(c, dtype=self.lower.dtype, device=self.lower.device)
-        lower = torch.tril(self.lower, -1) + eye
-        upper = torch.triu(self.upper, 1) + torch.diag(self.sign * self.log_abs_s.exp())
+        lower = torch.addcmul(self._eye, self.lower, self._strict_lower)
+        diag = torch.diag(self.sign * self.log_abs_s.exp())
+        upper = torch.addcmul(diag, self.upper, self._strict_upper)
         return lower, upper
 
     def _build_weight(self) -> Tensor:
         lower, upper = self._factors()
-        return (lower @ upper)[self.permutation]
+        return self._permutation_matrix() @ (lower @ upper)
 
     def _build_inverse_weight(self) -> Tensor:
         lower, upper = self._factors()
-        c = self.event_shape[0]
-        # P[i, permutation[i]] = 1, hence Pᵀ[permutation[i], i] = 1.
-        p_t = torch.zeros(c, c, dtype=lower.dtype, device=lower.device)
-        p_t[self.permutation, torch.arange(c, device=lower.device)] = 1.0
         # Triangular solves instead of a general inverse: exact structure, better conditioning.
-        y = torch.linalg.solve_triangular(lower, p_t, upper=False, unitriangular=True)
+        y = torch.linalg.solve_triangular(
+            lower, self._permutation_matrix().T, upper=False, unitriangular=True
+        )
         return torch.linalg.solve_triangular(upper, y, upper=True)
 
     def _build_logabsdet(self) -> Tensor:

@@ -8,7 +8,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .. import base as _base
 from ..base import Bijector, EventShape
+from ..bijectors.actnorm import ActNorm
+from ..bijectors.conv1x1 import LUInvertibleConv1x1, apply_channel_matrix
 
 __all__ = ["Center", "MultiscaleFlow"]
 
@@ -49,6 +52,77 @@ class Center(Bijector):
         return f"event_shape={self.event_shape}, shift={self.shift}"
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _fusable_pairs(steps: Sequence[Bijector]) -> frozenset:
+    """Indices ``i`` where ``steps[i]`` is an :class:`ActNorm` directly followed by an
+    :class:`LUInvertibleConv1x1` on the same shape (exact types: a subclass may change either
+    map, so it is never fused)."""
+    return frozenset(
+        i
+        for i in range(len(steps) - 1)
+        if type(steps[i]) is ActNorm
+        and type(steps[i + 1]) is LUInvertibleConv1x1
+        and tuple(steps[i].event_shape) == tuple(steps[i + 1].event_shape)
+    )
+
+
+def _can_fuse(actnorm: ActNorm, conv: LUInvertibleConv1x1) -> bool:
+    """Fusing skips the two layers' own ``forward``/``inverse``: only when nothing would
+    observe the difference (no check_finite mode, no module hooks) and ActNorm has nothing to
+    initialise."""
+    return (
+        _base._finite_hook is None
+        and not (actnorm.training and not actnorm._is_initialized())
+        and not (_has_hooks(actnorm) or _has_hooks(conv))
+        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+    )
+
+
+def _fused_actnorm_conv(actnorm: ActNorm, conv: LUInvertibleConv1x1, x: Tensor) -> Tuple[Tensor, Tensor]:
+    """``conv(actnorm(x))`` as one batched matmul: ``z = (W·diag(exp(log_scale))) (x + shift)``.
+
+    Returns ``z`` and the summed log-det as a scalar (it is the same for every sample):
+    ``H·W·(Σ log_scale + Σ log_abs_s)``. ``x + shift`` stays a separate add so that a constant
+    channel still cancels exactly (see :class:`ActNorm`).
+    """
+    actnorm.check_input(x, actnorm.event_shape, "forward")
+    conv.check_input(x, conv.event_shape, "forward")
+    _, h, w = conv.event_shape
+    weight = conv._get("weight", conv._build_weight) * actnorm.log_scale.exp().view(1, -1)
+    z = apply_channel_matrix(weight, x + actnorm.shift)
+    ld = (actnorm.log_scale.sum() + conv._get("logabsdet", conv._build_logabsdet)) * (h * w)
+    return z, ld
+
+
+def _fused_conv_actnorm_inverse(
+    actnorm: ActNorm, conv: LUInvertibleConv1x1, z: Tensor
+) -> Tuple[Tensor, Tensor]:
+    """``actnorm.inverse(conv.inverse(z))`` as one batched matmul with a bias:
+    ``x = (diag(exp(-log_scale))·W⁻¹) z - shift``; the log-det is returned as a scalar."""
+    conv.check_input(z, conv.event_shape, "inverse")
+    actnorm.check_input(z, actnorm.event_shape, "inverse")
+    _, h, w = conv.event_shape
+    c = conv.event_shape[0]
+    weight = conv._get("inverse", conv._build_inverse_weight) * torch.exp(-actnorm.log_scale).view(c, 1)
+    x = apply_channel_matrix(weight, z, -actnorm.shift.view(c))
+    ld = (actnorm.log_scale.sum() + conv._get("logabsdet", conv._build_logabsdet)) * (-(h * w))
+    return x, ld
+
+
+def _total_log_det(per_sample: List[Tensor], constant: Optional[Tensor], n: int, like: Tensor) -> Tensor:
+    """Σ of the steps' log-dets: one stack-and-sum instead of an add per step (fewer autograd
+    nodes), plus the batch-independent part of fused steps, added once."""
+    if per_sample:
+        total = per_sample[0] if len(per_sample) == 1 else torch.stack(per_sample).sum(0)
+        return total if constant is None else total + constant
+    if constant is None:
+        return like.new_zeros(n)
+    return constant.expand(n)
+
+
 def _wants_context(step: nn.Module) -> bool:
     # The convention of every built-in: a layer built with context_features=K uses the
     # context, one built without refuses it.
@@ -79,6 +153,13 @@ class MultiscaleFlow(nn.Module):
     A step receives the context when it was built with ``context_features`` (it exposes a
     non-``None`` ``context_features`` attribute, as the built-in priors and couplings do); the
     others are called without one.
+
+    Speed: an :class:`~flowplugins.bijectors.actnorm.ActNorm` directly followed by an
+    :class:`~flowplugins.bijectors.conv1x1.LUInvertibleConv1x1` runs as one batched matmul by
+    ``W·diag(exp(log_scale))`` in both directions, with the pair's log-det (the same for every
+    sample) added once; the steps, their parameters and the state dict are unchanged. The pair
+    runs unfused while ActNorm still has to initialise, inside ``check_finite`` and when either
+    layer has forward hooks.
 
     Train/eval: the steps' modes are the model's. ActNorm initialises from the first training
     batch it sees, batch norm uses batch statistics in training mode. :meth:`sample` runs in
@@ -167,6 +248,9 @@ class MultiscaleFlow(nn.Module):
         self._split_channels = split_channels
         self._latent_sizes = [math.prod(s) for s in latent_shapes]
         self._wants_context = tuple(_wants_context(s) for s in steps)
+        # ActNorm → LU 1x1 conv pairs run as one matmul (see _fused_actnorm_conv); the
+        # fusion only changes how the pair is computed, never the steps or the state dict.
+        self._fusable = _fusable_pairs(steps)
         self._numel = math.prod(self.event_shape)
         self._log_z = 0.5 * self._numel * math.log(2.0 * math.pi)
         if context_features is not None and not any(self._wants_context):
@@ -216,18 +300,29 @@ class MultiscaleFlow(nn.Module):
         if self.memory_saving and torch.is_grad_enabled():
             return self._encode_parts_memory_saving(x, context)
         parts: List[Tensor] = []
-        logabsdet: Optional[Tensor] = None
+        per_sample: List[Tensor] = []
+        constant: Optional[Tensor] = None
         h = x
         wants = self._wants_context
         splits = self._split_channels
-        for i, step in enumerate(self.steps):
-            h, ld = step(h, context if wants[i] else None)
-            logabsdet = ld if logabsdet is None else logabsdet + ld
+        fusable = self._fusable
+        steps = self.steps
+        i, n_steps = 0, len(steps)
+        while i < n_steps:
+            step = steps[i]
+            if i in fusable and _can_fuse(step, steps[i + 1]):
+                h, ld = _fused_actnorm_conv(step, steps[i + 1], h)
+                constant = ld if constant is None else constant + ld
+                i += 1  # the conv ran too
+            else:
+                h, ld = step(h, context if wants[i] else None)
+                per_sample.append(ld)
             if i in splits:
                 parts.append(h[:, : splits[i]])
                 h = h[:, splits[i]:]
+            i += 1
         parts.append(h)
-        return parts, logabsdet
+        return parts, _total_log_det(per_sample, constant, x.shape[0], x)
 
     def _encode_parts_memory_saving(
         self, x: Tensor, context: Optional[Tensor]
@@ -259,19 +354,28 @@ class MultiscaleFlow(nn.Module):
 
     def _decode_parts(self, parts: Sequence[Tensor], context: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """Latents ``[z_1, …, z_L]`` → flat batch ``x`` and the log-det of latent → data."""
-        steps = list(self.steps)
+        steps = self.steps
         wants = self._wants_context
         splits = self._split_channels
+        fusable = self._fusable
         h = parts[-1]
         j = len(parts) - 2
-        logabsdet: Optional[Tensor] = None
-        for i in range(len(steps) - 1, -1, -1):
+        per_sample: List[Tensor] = []
+        constant: Optional[Tensor] = None
+        i = len(steps) - 1
+        while i >= 0:
             if i in splits:
                 h = torch.cat([parts[j], h], dim=1)
                 j -= 1
-            h, ld = steps[i].inverse(h, context if wants[i] else None)
-            logabsdet = ld if logabsdet is None else logabsdet + ld
-        return h, logabsdet
+            if i - 1 in fusable and _can_fuse(steps[i - 1], steps[i]):
+                h, ld = _fused_conv_actnorm_inverse(steps[i - 1], steps[i], h)
+                constant = ld if constant is None else constant + ld
+                i -= 1  # the ActNorm ran too
+            else:
+                h, ld = steps[i].inverse(h, context if wants[i] else None)
+                per_sample.append(ld)
+            i -= 1
+        return h, _total_log_det(per_sample, constant, h.shape[0], h)
 
     def _split_latent(self, z_flat: Tensor) -> List[Tensor]:
         n = z_flat.shape[0]

@@ -45,6 +45,7 @@ Mixed precision (``--amp bf16``) is :mod:`.precision`; it applies with or withou
 from __future__ import annotations
 
 import atexit
+import gc
 import inspect
 import math
 import os
@@ -318,6 +319,9 @@ def init_distributed_runtime(config: TrainConfig) -> DistributedRuntime:
 
 def _destroy_group() -> None:
     if dist.is_initialized():
+        # A DDP reducer left in a reference cycle would otherwise be freed during interpreter
+        # teardown, after the group, and gloo aborts the process from its worker thread.
+        gc.collect()
         dist.destroy_process_group()
 
 
