@@ -46,13 +46,18 @@ __all__ = ["memory_saving_forward", "ReversibleSequence", "is_reversible_now"]
 def is_reversible_now(step: nn.Module) -> bool:
     """Whether ``step`` can be recomputed from its output through its inverse right now.
 
-    False for a training-mode step flagged ``batch_dependent_in_training``, and for a
+    False for a training-mode step flagged ``batch_dependent_in_training``, for a
     training-mode step flagged ``data_dependent_init`` whose ``initialized`` flag is false or
-    missing; true otherwise.
+    missing, and for a training-mode step holding an active dropout layer (its inverse and its
+    re-run forward would draw other masks than the forward did, so the recomputed input and the
+    gradients would be wrong); true otherwise.
     """
     if not step.training:
         return True
     if getattr(step, "batch_dependent_in_training", False):
+        return False
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+           for m in step.modules()):
         return False
     if getattr(step, "data_dependent_init", False):
         flag = getattr(step, "initialized", None)

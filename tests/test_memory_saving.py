@@ -285,3 +285,23 @@ def test_torch_compile_training_step(memory_saving):
         torch.testing.assert_close(loss, loss_ref, atol=1e-4, rtol=1e-4)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-4)
+
+
+def test_steps_with_active_dropout_use_ordinary_backprop():
+    """A coupling net with dropout draws a new mask on every call, so recomputing its input
+    through the inverse would be wrong; such steps must fall back to stored activations."""
+    from flowplugins.memory_saving import is_reversible_now
+    from flowplugins.nets import CouplingNet
+
+    class DropoutNet(torch.nn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.net = CouplingNet(cin, cout, hidden=8)
+            self.drop = torch.nn.Dropout(0.5)
+
+        def forward(self, h):
+            return self.net(self.drop(h))
+
+    layer = flowplugins.build("affine_coupling", (4, 4, 4), net=DropoutNet)
+    assert not is_reversible_now(layer.train())
+    assert is_reversible_now(layer.eval())
