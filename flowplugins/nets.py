@@ -45,6 +45,9 @@ class CouplingNet(nn.Module):
         hidden: width of the two hidden layers.
         context_features: size ``K`` of a per-sample context vector, or ``None`` for an
             unconditional net.
+        dropout: probability of zeroing a hidden activation after each hidden ReLU, in training
+            mode only (Flow++ uses it against overfitting on small data sets); ``0`` adds no
+            layer.
 
     Raises:
         ValueError: if a size is not a positive integer; at call time if a context is given to
@@ -68,8 +71,11 @@ class CouplingNet(nn.Module):
         out_channels: int,
         hidden: int = 512,
         context_features: Optional[int] = None,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"CouplingNet: dropout must be in [0, 1); got {dropout!r}")
         for label, value in (
             ("in_channels", in_channels),
             ("out_channels", out_channels),
@@ -90,6 +96,7 @@ class CouplingNet(nn.Module):
         self.context_proj = (
             nn.Linear(self.context_features, self.hidden) if self.context_features else None
         )
+        self.drop = nn.Dropout(float(dropout)) if dropout else None
 
     def forward(self, h: Tensor, context: Optional[Tensor] = None) -> Tensor:
         check_context("CouplingNet", context, self.context_features, h.shape[0])
@@ -98,8 +105,9 @@ class CouplingNet(nn.Module):
             # In place: a convolution's backward needs its input, not its output, so this
             # saves a full-size temporary per call.
             a.add_(self.context_proj(context)[:, :, None, None])
-        a = self.conv_hidden(a.relu_())
-        return self.conv_out(a.relu_())
+        a = a.relu_()
+        a = self.conv_hidden(a if self.drop is None else self.drop(a)).relu_()
+        return self.conv_out(a if self.drop is None else self.drop(a))
 
     def extra_repr(self) -> str:
         return (

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from flowplugins.nets import CouplingNet
 from flowplugins.data import ImageData, load_digits
 from flowplugins.training import (
     EMA,
@@ -325,7 +326,8 @@ def test_variational_dequantizer_log_density_matches_autograd():
 def test_dropout_and_multiscale_architectures_build(tmp_path, small_digits):
     info = small_digits.describe()
     drop = build_model(ModelConfig(levels=2, depth=1, hidden=8, dropout=0.1), info)
-    assert any(type(m).__name__ == "DropoutCouplingNet" for m in drop.modules())
+    assert any(isinstance(m, CouplingNet) and m.drop is not None and m.drop.p == 0.1
+               for m in drop.modules())
     step = ["actnorm", "shuffle_permutation", {"name": "additive_coupling", "hidden": 8}]
     custom = ModelConfig(arch="multiscale", levels=2, depth=1, options={"step": step})
     result = train(tiny_config(tmp_path, model=custom), data=small_digits, log=Log())

@@ -9,39 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, load_checkpoint, load_state_strict
-from ..nets import CouplingNet, check_context
+from ..nets import CouplingNet
 from .config import ConfigError, ModelConfig
 
-__all__ = ["build_model", "make_context", "load_model", "model_config_from", "DropoutCouplingNet"]
-
-
-class DropoutCouplingNet(CouplingNet):
-    """Glow's coupling net with dropout after each hidden ReLU (active in training mode only).
-
-    ``NN(h) = conv3x3(drop(relu(conv1x1(drop(relu(conv3x3(h) + P·c))))))``; the last
-    convolution still starts at zero, so the coupling starts as the identity.
-
-    Args:
-        dropout: probability of zeroing a hidden activation.
-        (the rest as :class:`flowplugins.nets.CouplingNet`)
-
-    References:
-        Srivastava et al. 2014 (dropout); Ho et al., Flow++, arXiv:1902.00275 §4 (dropout in
-        the coupling nets of a flow trained on a small data set).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, hidden: int,
-                 context_features: Optional[int], dropout: float) -> None:
-        super().__init__(in_channels, out_channels, hidden, context_features)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, h: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        check_context("DropoutCouplingNet", context, self.context_features, h.shape[0])
-        a = self.conv_in(h)
-        if self.context_proj is not None:
-            a = a + self.context_proj(context)[:, :, None, None]
-        a = self.conv_hidden(self.drop(a.relu()))
-        return self.conv_out(self.drop(a.relu()))
+__all__ = ["build_model", "make_context", "load_model", "model_config_from"]
 
 
 def model_config_from(value: ModelConfig | Mapping[str, Any]) -> ModelConfig:
@@ -102,14 +73,15 @@ def build_model(model: ModelConfig | Mapping[str, Any], data: Mapping[str, Any])
 
 
 def _glow_with_dropout(event_shape, cfg: ModelConfig, kwargs: Dict[str, Any]) -> nn.Module:
-    """The Glow preset's architecture with :class:`DropoutCouplingNet` conditioners."""
+    """The Glow preset's architecture with dropout in its coupling nets (:class:`CouplingNet`'s
+    ``dropout``), the nets also conditioned on the context of a conditional model."""
     from .. import composer
 
     context_features = kwargs.pop("context_features", None)
     hidden = kwargs.pop("hidden")
 
     def net(in_channels: int, out_channels: int) -> nn.Module:
-        return DropoutCouplingNet(in_channels, out_channels, hidden, context_features, cfg.dropout)
+        return CouplingNet(in_channels, out_channels, hidden, context_features, cfg.dropout)
 
     coupling = {"affine": "affine_coupling", "additive": "additive_coupling"}[kwargs.pop("coupling")]
     step = [{"name": "actnorm"}, {"name": kwargs.pop("permutation")},
