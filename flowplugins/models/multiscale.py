@@ -12,6 +12,7 @@ from .. import base as _base
 from ..base import Bijector, EventShape
 from ..bijectors.actnorm import ActNorm
 from ..bijectors.conv1x1 import LUInvertibleConv1x1, apply_channel_matrix
+from .glow_steps import find_glow_step_runs
 
 __all__ = ["Center", "MultiscaleFlow"]
 
@@ -161,6 +162,13 @@ class MultiscaleFlow(nn.Module):
     runs unfused while ActNorm still has to initialise, inside ``check_finite`` and when either
     layer has forward hooks.
 
+    Runs of whole Glow steps (``ActNorm → LUInvertibleConv1x1 → AffineCoupling`` or
+    ``AdditiveCoupling``) go further: they run fused as described in
+    :mod:`flowplugins.models.glow_steps` (batched matrices, two autograd nodes per step besides
+    the coupling net, cached matrices in eval mode, no log-det when sampling). Set the
+    attribute ``fuse_glow_steps = False`` to run them step by step (same results up to
+    floating-point round-off; useful to compare or debug).
+
     Train/eval: the steps' modes are the model's. ActNorm initialises from the first training
     batch it sees, batch norm uses batch statistics in training mode. :meth:`sample` runs in
     eval mode (restoring the mode afterwards); :meth:`decode` and :meth:`encode` use the
@@ -251,6 +259,11 @@ class MultiscaleFlow(nn.Module):
         # ActNorm → LU 1x1 conv pairs run as one matmul (see _fused_actnorm_conv); the
         # fusion only changes how the pair is computed, never the steps or the state dict.
         self._fusable = _fusable_pairs(steps)
+        # Runs of whole Glow steps (ActNorm → LU conv → coupling) go further: see glow_steps.
+        self._glow_runs = find_glow_step_runs(steps, bounds)
+        self._run_starting_at = {run.start: run for run in self._glow_runs}
+        self._run_ending_at = {run.stop - 1: run for run in self._glow_runs}
+        self.fuse_glow_steps = True
         self._numel = math.prod(self.event_shape)
         self._log_z = 0.5 * self._numel * math.log(2.0 * math.pi)
         if context_features is not None and not any(self._wants_context):
@@ -307,10 +320,17 @@ class MultiscaleFlow(nn.Module):
         splits = self._split_channels
         fusable = self._fusable
         steps = self.steps
+        runs = self._run_starting_at if self.fuse_glow_steps else {}
         i, n_steps = 0, len(steps)
         while i < n_steps:
             step = steps[i]
-            if i in fusable and _can_fuse(step, steps[i + 1]):
+            run = runs.get(i)
+            if run is not None and run.can_fuse():
+                h, lds, ld = run.forward(h, context)
+                per_sample.extend(lds)
+                constant = ld if constant is None else constant + ld
+                i = run.stop - 1
+            elif i in fusable and _can_fuse(step, steps[i + 1]):
                 h, ld = _fused_actnorm_conv(step, steps[i + 1], h)
                 constant = ld if constant is None else constant + ld
                 i += 1  # the conv ran too
@@ -352,9 +372,13 @@ class MultiscaleFlow(nn.Module):
         parts.append(h)
         return parts, logabsdet
 
-    def _decode_parts(self, parts: Sequence[Tensor], context: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """Latents ``[z_1, …, z_L]`` → flat batch ``x`` and the log-det of latent → data."""
+    def _decode_parts(
+        self, parts: Sequence[Tensor], context: Optional[Tensor], with_log_det: bool = True
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Latents ``[z_1, …, z_L]`` → flat batch ``x`` and the log-det of latent → data
+        (``None`` when ``with_log_det`` is false, which lets fused runs skip computing it)."""
         steps = self.steps
+        runs = self._run_ending_at if self.fuse_glow_steps else {}
         wants = self._wants_context
         splits = self._split_channels
         fusable = self._fusable
@@ -367,7 +391,14 @@ class MultiscaleFlow(nn.Module):
             if i in splits:
                 h = torch.cat([parts[j], h], dim=1)
                 j -= 1
-            if i - 1 in fusable and _can_fuse(steps[i - 1], steps[i]):
+            run = runs.get(i)
+            if run is not None and run.can_fuse():
+                h, lds, ld = run.inverse(h, context, with_log_det)
+                if with_log_det:
+                    per_sample.extend(lds)
+                    constant = ld if constant is None else constant + ld
+                i = run.start
+            elif i - 1 in fusable and _can_fuse(steps[i - 1], steps[i]):
                 h, ld = _fused_conv_actnorm_inverse(steps[i - 1], steps[i], h)
                 constant = ld if constant is None else constant + ld
                 i -= 1  # the ActNorm ran too
@@ -375,6 +406,10 @@ class MultiscaleFlow(nn.Module):
                 h, ld = steps[i].inverse(h, context if wants[i] else None)
                 per_sample.append(ld)
             i -= 1
+        # Fused runs may hand back a channel-major view; callers get a contiguous batch.
+        h = h.contiguous()
+        if not with_log_det:
+            return h, None
         return h, _total_log_det(per_sample, constant, h.shape[0], h)
 
     def _split_latent(self, z_flat: Tensor) -> List[Tensor]:
@@ -500,11 +535,21 @@ class MultiscaleFlow(nn.Module):
                 z = torch.randn(n, *self.event_shape, dtype=anchor.dtype, device=anchor.device)
                 if temperature != 1.0:
                     z.mul_(temperature)
-                x = self.decode(z, context)
+                batch, flat, ctx = self._flatten(z, context, "sample")
+                x, _ = self._decode_parts(
+                    self._split_latent(flat.reshape(n, -1)), ctx, with_log_det=False
+                )
         finally:
             if was_training:
                 self.train()
         return x.clamp_(0.0, 1.0)
+
+    def train(self, mode: bool = True):
+        # Fused runs cache their matrices in eval mode; a mode switch starts afresh, as the
+        # LU conv's own cache does.
+        for run in self._glow_runs:
+            run.clear_cache()
+        return super().train(mode)
 
     def extra_repr(self) -> str:
         return (
