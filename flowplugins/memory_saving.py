@@ -13,7 +13,9 @@ saves its output; the others receive theirs from the backward of the step after 
 
 The price is one extra inverse and one extra forward per step: three forwards and one
 backward instead of one and one, about 1.7× the compute of ordinary backprop in theory
-(``BENCHMARKS.md`` has the measured cost).
+(``BENCHMARKS.md`` has the measured cost). A channel coupling's inverse and re-run forward
+read the same net output (``x_a = z_a``), so its net is evaluated once for both
+(``ChannelCoupling._inverse_then_forward``): two net forwards and one backward per coupling.
 
 Gradients equal ordinary backprop up to the round-off of the reconstruction ``f⁻¹(f(x))``
 (about 1e-12 relative in float64, 1e-6 relative per step in float32), for the input, every
@@ -39,6 +41,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from . import base as _base
 
 __all__ = ["memory_saving_forward", "ReversibleSequence", "is_reversible_now"]
 
@@ -116,31 +120,60 @@ class _ReversibleStep(torch.autograd.Function):
         else:
             (context,) = ctx.saved_tensors
             z = tape.z
-        with torch.no_grad():
-            x, _ = step.inverse(z, context)
         want_context = context is not None and ctx.needs_input_grad[4]
         want_x = ctx.needs_input_grad[5]
         params = [p for p, needed in zip(_trainable_params(step), ctx.needs_input_grad[6:]) if needed]
-        x = x.detach().requires_grad_(want_x)
         step_context = context.detach().requires_grad_(True) if want_context else context
-        with torch.enable_grad():
-            z_again, logabsdet = step(x, step_context)
+        x, x_leaves, z_again, logabsdet = _recompute(step, z, context, step_context, want_x)
         outputs, seeds = [z_again], [grad_z]
         if logabsdet.requires_grad:
             outputs.append(logabsdet)
             seeds.append(grad_logabsdet)
-        inputs = ([x] if want_x else []) + params + ([step_context] if want_context else [])
+        inputs = x_leaves + params + ([step_context] if want_context else [])
         grads: List[Optional[Tensor]] = [None] * len(inputs)
         if inputs and any(t.requires_grad for t in outputs):
             grads = list(torch.autograd.grad(outputs, inputs, seeds, allow_unused=True))
-        grad_x = grads.pop(0) if want_x else None
-        if want_x and grad_x is None:
-            grad_x = torch.zeros_like(x)
+        grad_x = None
+        if want_x:
+            leaf_grads = [
+                torch.zeros_like(leaf) if g is None else g
+                for leaf, g in zip(x_leaves, grads[: len(x_leaves)])
+            ]
+            grad_x = leaf_grads[0] if len(leaf_grads) == 1 else torch.cat(leaf_grads, dim=1)
+            del grads[: len(x_leaves)]
         grad_context = grads.pop() if want_context else None
         tape.z = None if ctx.first else x.detach()
         grad_params = iter(grads)
         param_grads = [next(grad_params) if needed else None for needed in ctx.needs_input_grad[6:]]
         return (None, None, None, None, grad_context, grad_x, *param_grads)
+
+
+def _recompute(
+    step: nn.Module, z: Tensor, context: Optional[Tensor], step_context: Optional[Tensor], want_x: bool
+) -> Tuple[Tensor, List[Tensor], Tensor, Tensor]:
+    """Reconstruct a step's input from its output and recompute its forward with autograd.
+
+    Returns the input ``x`` (detached), the leaves whose gradients concatenated along
+    channels give ``∂/∂x`` (``[]`` unless ``want_x``) and the recomputed ``(z, logabsdet)``.
+    A channel coupling evaluates its net once for both (``_inverse_then_forward``), as long
+    as nothing could observe the difference (no module hooks, no ``check_finite`` mode, flat
+    input); any other step runs ``inverse`` then ``forward``.
+    """
+    shortcut = getattr(step, "_inverse_then_forward", None)
+    if (
+        shortcut is not None
+        and z.dim() == 4
+        and _base._finite_hook is None
+        and not (step._forward_hooks or step._forward_pre_hooks)
+        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+    ):
+        return shortcut(z, step_context, want_x)
+    with torch.no_grad():
+        x, _ = step.inverse(z, context)
+    x = x.detach().requires_grad_(want_x)
+    with torch.enable_grad():
+        z_again, logabsdet = step(x, step_context)
+    return x.detach(), ([x] if want_x else []), z_again, logabsdet
 
 
 def _segments(steps: Sequence[nn.Module]) -> List[Tuple[bool, List[nn.Module]]]:

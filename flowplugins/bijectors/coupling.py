@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +122,35 @@ class ChannelCoupling(Bijector):
         z_a, z_b = z.split([self.identity_channels, self.transformed_channels], dim=1)
         x_b, logabsdet = self._uncouple(z_b, self._condition(z_a, context))
         return torch.cat([z_a, x_b], dim=1), logabsdet
+
+    def _inverse_then_forward(
+        self, z: Tensor, context: Optional[Tensor], input_requires_grad: bool
+    ) -> Tuple[Tensor, List[Tensor], Tensor, Tensor]:
+        """Memory-saving backprop's recomputation with one evaluation of the net.
+
+        Reconstructs ``x = inverse(z)`` and recomputes ``forward(x)`` recording autograd, but
+        evaluates ``NN(x_a)`` once (``x_a = z_a``, so the inverse and the forward read the same
+        net output); the generic recomputation evaluates it twice. Flat ``(N, C, H, W)``
+        input, no hooks or ``check_finite`` (the caller checks).
+
+        Returns:
+            ``x`` (detached), the leaves ``[x_a, x_b]`` whose gradients concatenated along
+            channels are ``∂/∂x`` (empty unless ``input_requires_grad``), and the recomputed
+            ``(z, logabsdet)``.
+        """
+        self.check_input(z, self.event_shape, "inverse")
+        z_a, z_b = z.split([self.identity_channels, self.transformed_channels], dim=1)
+        x_a = z_a.detach().requires_grad_(input_requires_grad)
+        with torch.enable_grad():
+            h = self._condition(x_a, context)
+        with torch.no_grad():
+            x_b, _ = self._uncouple(z_b, h)
+        x_b.requires_grad_(input_requires_grad)
+        with torch.enable_grad():
+            z_b_again, logabsdet = self._couple(x_b, h)
+            z_again = torch.cat([x_a, z_b_again], dim=1)
+        x = torch.cat([x_a.detach(), x_b.detach()], dim=1)
+        return x, ([x_a, x_b] if input_requires_grad else []), z_again, logabsdet
 
     def extra_repr(self) -> str:
         return (
