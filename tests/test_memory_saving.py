@@ -305,3 +305,51 @@ def test_steps_with_active_dropout_use_ordinary_backprop():
     layer = flowplugins.build("affine_coupling", (4, 4, 4), net=DropoutNet)
     assert not is_reversible_now(layer.train())
     assert is_reversible_now(layer.eval())
+
+
+def _coupling_chain(context_features=None):
+    gen = torch.Generator().manual_seed(3)
+    kw = {"hidden": 6, "context_features": context_features}
+    steps = [
+        flowplugins.build("affine_coupling", (3, 4, 4), **kw),
+        flowplugins.build("additive_coupling", (3, 4, 4), **kw),
+        flowplugins.build("affine_coupling", (3, 4, 4), **kw),
+    ]
+    steps = [s.double() for s in steps]
+    for s in steps:
+        perturb_parameters(s, 0.3, gen)
+    return steps
+
+
+@pytest.mark.parametrize("context_features", [None, 2])
+@pytest.mark.parametrize("hooked", [False, True])
+def test_coupling_net_is_evaluated_once_per_step_in_backward(context_features, hooked):
+    """A coupling's inverse and its re-run forward read the same net output, so memory saving
+    evaluates the net once per step in backward (twice with a module hook on the coupling,
+    which must see the recomputed forward); gradients equal ordinary backprop either way."""
+    steps = _coupling_chain(context_features)
+    reference = copy.deepcopy(steps)
+    calls = []
+    for i, s in enumerate(steps):
+        s.net.register_forward_hook(lambda m, inp, out, i=i: calls.append(i))
+        if hooked:
+            s.register_forward_hook(lambda m, inp, out: None)
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(4, 2, dtype=torch.float64, requires_grad=True) if context_features else None
+
+    def loss(fn, chain):
+        z, ld = fn(chain, x, c)
+        weights = torch.linspace(-1.0, 1.0, z.numel(), dtype=z.dtype).view(z.shape)
+        return (z * weights).sum() - (ld * torch.arange(4, dtype=z.dtype)).sum()
+
+    params = [p for s in steps for p in s.parameters()]
+    ref_params = [p for s in reference for p in s.parameters()]
+    inputs = [x] + ([c] if c is not None else [])
+    value = loss(memory_saving_forward, steps)
+    assert sorted(calls) == [0, 1, 2]  # the forward, run without recording
+    calls.clear()
+    actual = _grads(value, inputs + params)
+    # The backward's recomputation: one shared net call per coupling, or inverse + forward.
+    assert sorted(calls) == sorted([0, 1, 2] * (2 if hooked else 1))
+    expected = _grads(loss(_plain_forward, reference), inputs + ref_params)
+    _assert_close(actual, expected, "grad")
