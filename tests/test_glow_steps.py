@@ -367,6 +367,28 @@ def test_fused_path_is_taken(calls, monkeypatch):
     assert calls == {"forward": 4, "inverse": 4}
 
 
+def test_replaced_step_is_used_not_the_one_the_run_was_built_with(calls):
+    """Assigning a new module to ``model.steps[i]`` after building must take effect: the run
+    holding the old layer falls back to step-by-step execution."""
+    model = _model("affine", 2, 2, True, None)
+    x, _ = _data(model)
+    model, reference = _prepare(model, x, None)
+    run = model._glow_runs[0]
+    index = run.start + 2  # the run's first coupling
+    before = model.log_prob(x).detach()
+    replacement = copy.deepcopy(model.steps[index])
+    perturb_parameters(replacement, PERTURB, torch.Generator().manual_seed(7))
+    model.steps[index] = replacement
+    reference.steps[index] = copy.deepcopy(replacement)
+    calls.update(forward=0, inverse=0)
+    expected = reference.log_prob(x)
+    assert calls["forward"] == 0  # the reference never fuses
+    actual = model.log_prob(x)
+    assert calls["forward"] == 1  # only the untouched run fused
+    _assert_rel(actual, expected, RTOL[x.dtype], "log_prob")
+    assert not torch.allclose(actual, before)  # the replacement does change the model
+
+
 @pytest.mark.parametrize("kind", ["forward", "forward_pre"])
 @pytest.mark.parametrize("layer", [0, 1, 2, 4],
                          ids=["actnorm", "conv", "coupling", "second-step-conv"])

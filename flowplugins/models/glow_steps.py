@@ -121,16 +121,23 @@ class GlowStepRun:
         self.wants_context = tuple(cp.context_features is not None for cp in self.couplings)
         self._cache: dict = {}
         self._cache_key: Optional[tuple] = None
+        # (ModuleList key, module) of every layer, to notice a step replaced after building.
+        self._members = tuple(
+            (str(i), m) for i, m in zip(range(start, stop), steps[start:stop])
+        )
 
     def __len__(self) -> int:
         return len(self.couplings)
 
     # ------------------------------------------------------------------ checks
-    def can_fuse(self) -> bool:
+    def can_fuse(self, modules: Optional[dict] = None) -> bool:
         """Whether fusing is unobservable now: no ``check_finite`` mode, no module hooks on the
-        run's layers, no torch.func transform active, and no ActNorm left to initialise from a
-        training batch."""
+        run's layers, no torch.func transform active, no ActNorm left to initialise from a
+        training batch, and (given the model's ``steps._modules``) none of the run's layers
+        replaced since the run was built."""
         if _base._finite_hook is not None or _global_hooks() or _functorch_active():
+            return False
+        if modules is not None and any(modules.get(k) is not m for k, m in self._members):
             return False
         for actnorm, conv, coupling in zip(self.actnorms, self.convs, self.couplings):
             if actnorm.training and not actnorm._is_initialized():

@@ -76,6 +76,9 @@ def _can_fuse(actnorm: ActNorm, conv: LUInvertibleConv1x1) -> bool:
     initialise."""
     return (
         _base._finite_hook is None
+        # The pair was found at build time; a step assigned to the ModuleList since may differ.
+        and type(actnorm) is ActNorm
+        and type(conv) is LUInvertibleConv1x1
         and not (actnorm.training and not actnorm._is_initialized())
         and not (_has_hooks(actnorm) or _has_hooks(conv))
         and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
@@ -325,7 +328,7 @@ class MultiscaleFlow(nn.Module):
         while i < n_steps:
             step = steps[i]
             run = runs.get(i)
-            if run is not None and run.can_fuse():
+            if run is not None and run.can_fuse(steps._modules):
                 h, lds, ld = run.forward(h, context)
                 per_sample.extend(lds)
                 constant = ld if constant is None else constant + ld
@@ -392,7 +395,7 @@ class MultiscaleFlow(nn.Module):
                 h = torch.cat([parts[j], h], dim=1)
                 j -= 1
             run = runs.get(i)
-            if run is not None and run.can_fuse():
+            if run is not None and run.can_fuse(steps._modules):
                 h, lds, ld = run.inverse(h, context, with_log_det)
                 if with_log_det:
                     per_sample.extend(lds)
