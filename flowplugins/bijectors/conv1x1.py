@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..base import Bijector
+from ..derived_cache import DerivedTensorCache
 
 __all__ = ["InvertibleConv1x1", "LUInvertibleConv1x1", "random_rotation"]
 
@@ -79,38 +80,16 @@ class _CachedConv1x1(Bijector):
 
     def __init__(self, event_shape: Sequence[int]) -> None:
         super().__init__(event_shape)
-        self._cache: Dict[str, Tensor] = {}
-        self._cache_key: Optional[tuple] = None
-
-    def _state_key(self) -> tuple:
-        return tuple(
-            (t._version, t.data_ptr(), t.dtype, t.device)
-            for t in (*self.parameters(), *self.buffers())
-        )
+        self._derived = DerivedTensorCache()
 
     def _use_cache(self) -> bool:
         if self.training:
             return False
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
 
-    def _cached(self, name: str, build: Callable[[], Tensor]) -> Tensor:
-        key = self._state_key()
-        if key != self._cache_key:
-            self._cache = {}
-            self._cache_key = key
-        value = self._cache.get(name)
-        if value is None:
-            # Built outside inference mode so the cached tensors stay usable in later calls
-            # whose inputs require grad (inference tensors cannot be saved for backward).
-            with torch.inference_mode(False), torch.no_grad():
-                value = build()
-            self._cache[name] = value
-        return value
-
     def clear_cache(self) -> None:
         """Drop cached matrices (needed only after writes that bypass version counters)."""
-        self._cache = {}
-        self._cache_key = None
+        self._derived.clear()
 
     def train(self, mode: bool = True):
         self.clear_cache()
@@ -118,7 +97,7 @@ class _CachedConv1x1(Bijector):
 
     def _get(self, name: str, build: Callable[[], Tensor]) -> Tensor:
         if self._use_cache():
-            return self._cached(name, build)
+            return self._derived.get(name, build, (*self.parameters(), *self.buffers()))
         return build()
 
     # Subclasses provide these three builders.

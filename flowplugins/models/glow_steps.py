@@ -36,6 +36,7 @@ from .. import base as _base
 from ..bijectors.actnorm import ActNorm
 from ..bijectors.conv1x1 import LUInvertibleConv1x1
 from ..bijectors.coupling import AdditiveCoupling, AffineCoupling, _scale_floor
+from ..derived_cache import DerivedTensorCache
 
 __all__ = ["GlowStepRun", "find_glow_step_runs"]
 
@@ -119,8 +120,7 @@ class GlowStepRun:
         self.split = self.couplings[0].identity_channels
         self.affine = tuple(type(cp) is AffineCoupling for cp in self.couplings)
         self.wants_context = tuple(cp.context_features is not None for cp in self.couplings)
-        self._cache: dict = {}
-        self._cache_key: Optional[tuple] = None
+        self._derived = DerivedTensorCache()
         # (ModuleList key, module) of every layer, to notice a step replaced after building.
         self._members = tuple(
             (str(i), m) for i, m in zip(range(start, stop), steps[start:stop])
@@ -161,9 +161,6 @@ class GlowStepRun:
             yield from m._parameters.values()
             yield from m._buffers.values()
 
-    def _state_key(self) -> tuple:
-        return tuple((t._version, t.data_ptr(), t.dtype) for t in self._tensors() if t is not None)
-
     def _use_cache(self) -> bool:
         if self.actnorms[0].training:
             return False
@@ -172,21 +169,12 @@ class GlowStepRun:
         return not any(t.requires_grad for t in self._tensors() if t is not None)
 
     def clear_cache(self) -> None:
-        self._cache = {}
-        self._cache_key = None
+        self._derived.clear()
 
     def _cached(self, name: str, build):
         if not self._use_cache():
             return build()
-        key = self._state_key()
-        if key != self._cache_key:
-            self._cache, self._cache_key = {}, key
-        value = self._cache.get(name)
-        if value is None:
-            with torch.inference_mode(False), torch.no_grad():
-                value = build()
-            self._cache[name] = value
-        return value
+        return self._derived.get(name, build, (t for t in self._tensors() if t is not None))
 
     def _factors(self) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Stacked ``P``, ``L``, ``U + diag(sign·exp(log_abs_s))``, ``log_abs_s`` and
