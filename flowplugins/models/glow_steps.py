@@ -1,28 +1,28 @@
 """Fused execution of runs of Glow steps ``ActNorm → LU 1x1 conv → channel coupling``.
 
-A Glow level is K identical steps; run one bijector at a time, each step costs some fifty
-small tensor operations and autograd nodes besides its coupling net, which on small images
-costs as much as the net itself. :class:`GlowStepRun` computes the same K steps with far fewer:
+A Glow level is K identical steps. Run one bijector at a time, each step costs dozens of small
+tensor operations and autograd nodes besides its coupling net, which on small images costs as
+much as the net itself. :class:`GlowStepRun` computes the same K steps with far fewer:
 
 * the K fused channel matrices ``W_k·diag(exp(log_scale_k))`` (ActNorm folded into the LU
   conv) are built in one batched computation per run, and their log-dets summed once: the
   pair's log-det ``H·W·(Σ log_scale + Σ log_abs_s)`` does not depend on the sample;
 * per step, the ActNorm shift and the channel mix run as one autograd node
-  (:class:`_MixChannels`) that returns the coupling's two halves as separate contiguous
-  tensors (no slice of a slice for the net to copy, no slice backward that zero-fills), and
-  the affine coupling's element-wise part is another (:class:`_AffineCouple`), with a
-  handwritten backward;
+  (:class:`_MixChannels`, one batched matmul whose output halves are the coupling's two
+  inputs), and the affine coupling's element-wise part as another (:class:`_AffineCouple`),
+  both with handwritten backward passes;
 * in eval mode without autograd recording, the fused matrices and their inverses are cached
-  per run and rebuilt only when a parameter or buffer changes (the rule of
-  :class:`~flowplugins.bijectors.conv1x1.LUInvertibleConv1x1`'s own cache);
-* sampling skips the log-det (:meth:`GlowStepRun.inverse` with ``with_log_det=False``) and
-  applies the inverse channel mix to the two halves directly, without concatenating them.
+  per run and rebuilt only when a parameter or buffer changes
+  (:class:`~flowplugins.derived_cache.DerivedTensorCache`, as the LU conv's own cache);
+* without autograd (sampling, evaluation) the inverse runs channel-major, one ``addmm`` per
+  step with the coupling's inverse written in place, and sampling skips the log-det
+  (:meth:`GlowStepRun.inverse` with ``with_log_det=False``).
 
 The fused path is the same function of the same parameters: the steps, their parameters and
-the state dict are untouched, and ``tests/test_glow_steps.py`` compares outputs, log-dets and
-gradients with the step-by-step path. :class:`~flowplugins.models.multiscale.MultiscaleFlow`
-falls back to the step-by-step path whenever something could observe the difference
-(see :meth:`GlowStepRun.can_fuse`).
+the state dict are untouched, and ``tests/test_glow_steps.py`` compares outputs, log-dets,
+first and second derivatives with the step-by-step path.
+:class:`~flowplugins.models.multiscale.MultiscaleFlow` falls back to the step-by-step path
+whenever something could observe the difference (see :meth:`GlowStepRun.can_fuse`).
 """
 
 from __future__ import annotations
