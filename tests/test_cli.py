@@ -124,6 +124,23 @@ def test_train_writes_outputs_and_resumes(capsys, tmp_path):
     assert out.startswith("test_bpd ") and "epochs 2" in out
 
 
+def test_train_with_memory_saving(capsys, tmp_path):
+    """``--memory-saving`` trains a model built with memory_saving=True; with the default
+    recipe's dropout it is a usage error that says what to change."""
+    import torch
+
+    from flowplugins.training import load_model
+
+    code, _, err = run(capsys, "train", "--memory-saving", "--out", str(tmp_path / "a"), *TINY)
+    assert code == 2 and "model.memory_saving" in err and "--dropout 0" in err
+    code, out, err = run(capsys, "train", "--memory-saving", "--dropout", "0", "--epochs", "1",
+                         "--out", str(tmp_path / "b"), *TINY)
+    assert code == 0, err
+    model, ckpt = load_model(tmp_path / "b" / "last.pt")
+    assert model.memory_saving and ckpt["config"]["model"]["memory_saving"] is True
+    assert torch.isfinite(model.bits_per_dim(torch.rand(2, *model.event_shape))).all()
+
+
 def test_train_from_config_file_with_override(capsys, tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("epochs: 1\nbatch_size: 64\neval_samples: 1\nmodel:\n  levels: 2\n  depth: 1\n"

@@ -46,7 +46,7 @@ def build_model(model: ModelConfig | Mapping[str, Any], data: Mapping[str, Any])
         try:
             return composer.multiscale(
                 tuple(int(s) for s in data["event_shape"]), cfg.levels, step, depth=cfg.depth,
-                split_prior=cfg.split_prior, **options,
+                split_prior=cfg.split_prior, memory_saving=cfg.memory_saving, **options,
             )
         except TypeError as err:
             raise ConfigError(f"model: flowplugins.multiscale(...) rejected the options: {err}") from err
@@ -56,6 +56,7 @@ def build_model(model: ModelConfig | Mapping[str, Any], data: Mapping[str, Any])
         hidden=cfg.hidden,
         coupling=cfg.coupling,
         split_prior=cfg.split_prior,
+        memory_saving=cfg.memory_saving,
         backend="torch",
     )
     if cfg.arch == "glow":
