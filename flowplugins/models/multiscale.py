@@ -538,7 +538,7 @@ class MultiscaleFlow(nn.Module):
                 z = torch.randn(n, *self.event_shape, dtype=anchor.dtype, device=anchor.device)
                 if temperature != 1.0:
                     z.mul_(temperature)
-                batch, flat, ctx = self._flatten(z, context, "sample")
+                _, flat, ctx = self._flatten(z, context, "sample")
                 x, _ = self._decode_parts(
                     self._split_latent(flat.reshape(n, -1)), ctx, with_log_det=False
                 )
