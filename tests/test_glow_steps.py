@@ -728,3 +728,34 @@ def test_context_dtype_error_is_the_reference_error():
     for m in (reference, model):
         with pytest.raises(TypeError, match="context dtype torch.float32 does not match"):
             m.log_prob(x, context.float())
+
+
+# ------------------------------------------------------------------------ nflows view
+@pytest.mark.parametrize("which", ["glow", "mixed"])
+def test_nflows_view_runs_fused_and_equals_step_by_step(which, calls):
+    """The nflows view groups each run in one transform that runs fused like the torch model:
+    log_prob, its gradients and the inverse equal the view of the step-by-step model."""
+    from flowplugins.models.nflows import nflows_flow
+
+    model = _model("affine", 2, 2, True, "couplings") if which == "glow" else _mixed_model()
+    x, context = _data(model)
+    model, reference = _prepare(model, x, context)
+    flow, flow_ref = nflows_flow(model), nflows_flow(reference)
+    calls.update(forward=0, inverse=0)
+    actual = flow.log_prob(x, context=context)
+    assert calls["forward"] == len(model._glow_runs)
+    expected = flow_ref.log_prob(x, context=context)
+    assert calls["forward"] == len(model._glow_runs)  # the reference view never fuses
+    _assert_rel(actual, expected, RTOL[torch.float64], "nflows log_prob")
+    weights = torch.linspace(-1.0, 1.0, x.shape[0], dtype=x.dtype)
+    grads = torch.autograd.grad((actual * weights).sum(), list(model.parameters()))
+    grads_ref = torch.autograd.grad((expected * weights).sum(), list(reference.parameters()))
+    for (name, _), g, e in zip(model.named_parameters(), grads, grads_ref):
+        _assert_rel(g, e, RTOL[torch.float64], f"d log_prob / d {name}")
+    noise = flow.transform_to_noise(x, context=context)
+    back, logabsdet = flow._transform.inverse(noise, context=context)
+    back_ref, logabsdet_ref = flow_ref._transform.inverse(noise, context=context)
+    assert calls["inverse"] == len(model._glow_runs)
+    _assert_rel(back, back_ref, RTOL[torch.float64], "nflows inverse")
+    _assert_rel(logabsdet, logabsdet_ref, RTOL[torch.float64], "nflows inverse log-det")
+    _assert_rel(back, x, RTOL[torch.float64], "nflows round trip")

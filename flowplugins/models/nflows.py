@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from ..backends.nflows import NflowsTransform
+from .glow_steps import GlowStepRun
 from .multiscale import MultiscaleFlow
 
 try:
@@ -32,12 +34,55 @@ class _ContextFreeTransform(NflowsTransform):
         return self.bijector.inverse(inputs)
 
 
+class _GlowStepRunTransform(CompositeTransform):
+    """A run of Glow steps (see :mod:`flowplugins.models.glow_steps`) as an nflows
+    ``CompositeTransform`` of its steps' transforms, computed fused whenever the torch model
+    would fuse it (same modules, same results up to round-off), step by step otherwise.
+
+    Shapes:
+        inputs: (N, C, H, W), context: (N, K) -> outputs: (N, C, H, W); logabsdet: (N,)
+    """
+
+    def __init__(self, model: MultiscaleFlow, run: GlowStepRun, transforms: List[NflowsTransform]) -> None:
+        super().__init__(transforms)
+        # The model only answers "may this run fuse now?"; not a submodule (its parameters
+        # are already this transform's through the steps).
+        object.__setattr__(self, "_model", model)
+        self._run = run
+
+    def _fusable(self, inputs: Tensor) -> bool:
+        model = self._model
+        return inputs.dim() == 4 and model.fuse_glow_steps and self._run.can_fuse(model.steps._modules)
+
+    def _total(self, per_sample: List[Tensor], constant: Tensor, n: int) -> Tensor:
+        if not per_sample:
+            return constant.expand(n)
+        return torch.stack(per_sample).sum(0) + constant
+
+    def forward(self, inputs: Tensor, context: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        if not self._fusable(inputs):
+            return super().forward(inputs, context)
+        run = self._run
+        z, per_sample, constant = run.forward(inputs, context if any(run.wants_context) else None)
+        return z, self._total(per_sample, constant, inputs.shape[0])
+
+    def inverse(self, inputs: Tensor, context: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        if not self._fusable(inputs):
+            return super().inverse(inputs, context)
+        run = self._run
+        x, per_sample, constant = run.inverse(
+            inputs, context if any(run.wants_context) else None, with_log_det=True
+        )
+        return x.contiguous(), self._total(per_sample, constant, inputs.shape[0])
+
+
 def nflows_flow(model: MultiscaleFlow) -> Flow:
     """An ``nflows.flows.Flow`` over the same bijector modules as ``model`` (shared parameters).
 
     The transform is an ``nflows.transforms.MultiscaleCompositeTransform`` with one
     ``CompositeTransform`` per level, each bijector wrapped as an
-    :class:`~flowplugins.backends.nflows.NflowsTransform`; a level's split prior is its last
+    :class:`~flowplugins.backends.nflows.NflowsTransform` (a run of Glow steps grouped in one
+    ``CompositeTransform`` that runs fused like the torch model); a level's split prior is its last
     transform, and nflows factors out the first ``torch.chunk`` half, the half that prior
     standardises. Output shapes come from the bijectors' ``output_event_shape()``. The base is
     nflows' ``StandardNormal`` of size ``C·H·W``, and the flattened latent is the layout of
@@ -65,11 +110,21 @@ def nflows_flow(model: MultiscaleFlow) -> Flow:
     if not isinstance(model, MultiscaleFlow):
         raise TypeError(f"nflows_flow: expected a MultiscaleFlow; got {type(model).__name__}")
     transform = MultiscaleCompositeTransform(len(model.level_bounds), split_dim=1)
+
+    def wrap(i: int) -> NflowsTransform:
+        return (NflowsTransform if model._wants_context[i] else _ContextFreeTransform)(model.steps[i])
+
     for start, stop in model.level_bounds:
-        level = [
-            (NflowsTransform if model._wants_context[i] else _ContextFreeTransform)(model.steps[i])
-            for i in range(start, stop)
-        ]
+        level = []
+        i = start
+        while i < stop:
+            run = model._run_starting_at.get(i)
+            if run is None:
+                level.append(wrap(i))
+                i += 1
+            else:
+                level.append(_GlowStepRunTransform(model, run, [wrap(j) for j in range(run.start, run.stop)]))
+                i = run.stop
         transform.add_transform(
             CompositeTransform(level), tuple(model.steps[stop - 1].output_event_shape())
         )
