@@ -123,6 +123,7 @@ def build_net(
     hidden: int,
     context_features: Optional[int],
     owner: str,
+    dropout: float = 0.0,
 ) -> nn.Module:
     """Build a coupling's conditioner from its ``net`` option (see the module docstring).
 
@@ -133,10 +134,13 @@ def build_net(
         hidden: width of the default net (ignored for a custom factory).
         context_features: context size of the default net (ignored for a custom factory).
         owner: the layer's name, for error messages.
+        dropout: dropout of the default net (see :class:`CouplingNet`).
 
     Raises:
         TypeError: if ``net`` is neither ``None`` nor callable, or does not return an
             ``nn.Module``.
+        ValueError: if ``dropout`` is given with a custom factory (which builds its own net),
+            or is not in ``[0, 1)``.
 
     Example:
         >>> build_net(None, 2, 4, 8, None, "AffineCoupling")
@@ -148,7 +152,12 @@ def build_net(
         )
     """
     if net is None:
-        return CouplingNet(in_channels, out_channels, hidden, context_features)
+        return CouplingNet(in_channels, out_channels, hidden, context_features, dropout)
+    if dropout:
+        raise ValueError(
+            f"{owner}: dropout={dropout!r} applies to the default coupling net only; a custom net "
+            f"factory builds its own net, so put the dropout in it"
+        )
     if not callable(net):
         raise TypeError(
             f"{owner}: net must be None or a callable net(in_channels, out_channels) -> "

@@ -206,6 +206,19 @@ def test_glow_ablations_build(permutation, coupling):
     assert torch.isfinite(model.log_prob(x)).all()
 
 
+def test_glow_dropout_goes_to_every_coupling_net_and_only_there():
+    model = glow((1, 8, 8), levels=2, depth=2, hidden=8, dropout=0.2)
+    drops = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    couplings = [m for m in model.modules() if type(m).__name__ == "AffineCoupling"]
+    assert len(couplings) == 4 and all(c.net.drop.p == 0.2 for c in couplings)
+    assert len(drops) == 4  # none in the split or top priors
+    assert all(m.drop is None for m in glow((1, 8, 8), levels=2, depth=2, hidden=8).modules()
+               if type(m).__name__ == "CouplingNet")
+    model.eval()
+    x = torch.rand(3, 1, 8, 8)
+    torch.testing.assert_close(model.log_prob(x), model.log_prob(x), rtol=0, atol=0)
+
+
 def test_glow_defaults_are_the_papers():
     import inspect
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import flowplugins
 import flowplugins.bijectors.coupling as coupling_module
 from flowplugins.bijectors.coupling import AdditiveCoupling, AffineCoupling
 from helpers import (
@@ -206,3 +207,39 @@ def test_round_trip_on_device(cls, device):
 def test_docstring_examples_run():
     result = doctest.testmod(coupling_module)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("name", ["affine_coupling", "additive_coupling"])
+def test_dropout_option_regularises_the_default_net_in_training_only(name):
+    import copy
+
+    layer = flowplugins.build(name, (4, 4, 4), hidden=16, dropout=0.5)
+    assert layer.net.drop is not None and layer.net.drop.p == 0.5
+    plain = flowplugins.build(name, (4, 4, 4), hidden=16)
+    assert plain.net.drop is None
+    with torch.no_grad():
+        for p in layer.net.parameters():
+            p.normal_(0.0, 0.3)
+    x = torch.randn(8, 4, 4, 4)
+    layer.train()
+    torch.manual_seed(0)
+    a = layer(x)[0]
+    torch.manual_seed(1)
+    b = layer(x)[0]
+    assert not torch.allclose(a, b)  # a new mask per call
+    layer.eval()
+    z, _ = layer(x)
+    torch.testing.assert_close(layer(x)[0], z, rtol=0, atol=0)
+    torch.testing.assert_close(layer.inverse(z)[0], x, rtol=1e-5, atol=1e-5)
+    # eval mode is the dropout-free net: equal to a copy without the dropout layer
+    twin = copy.deepcopy(layer)
+    twin.net.drop = None
+    torch.testing.assert_close(twin(x)[0], z, rtol=0, atol=0)
+
+
+def test_dropout_with_a_custom_net_is_an_error():
+    with pytest.raises(ValueError, match="dropout=0.2 applies to the default coupling net only"):
+        flowplugins.build("affine_coupling", (4, 4, 4), net=lambda i, o: torch.nn.Conv2d(i, o, 1),
+                          dropout=0.2)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        flowplugins.build("affine_coupling", (4, 4, 4), hidden=8, dropout=1.0)

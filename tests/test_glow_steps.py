@@ -759,3 +759,24 @@ def test_nflows_view_runs_fused_and_equals_step_by_step(which, calls):
     _assert_rel(back, back_ref, RTOL[torch.float64], "nflows inverse")
     _assert_rel(logabsdet, logabsdet_ref, RTOL[torch.float64], "nflows inverse log-det")
     _assert_rel(back, x, RTOL[torch.float64], "nflows round trip")
+
+
+def test_dropout_nets_draw_the_same_masks_fused_and_step_by_step(calls):
+    """With dropout active the fused path calls the nets in the same order, so under one seed
+    it draws the same masks and gives the same log_prob and gradients."""
+    model = composer.glow(SHAPE, levels=2, depth=2, hidden=8, seed=0, dropout=0.3).double()
+    x, _ = _data(model)
+    model, reference = _prepare(model, x, None)
+    calls.update(forward=0, inverse=0)
+    torch.manual_seed(5)
+    actual = model.log_prob(x)
+    assert calls["forward"] == len(model._glow_runs) > 0
+    torch.manual_seed(5)
+    expected = reference.log_prob(x)
+    _assert_rel(actual, expected, RTOL[torch.float64], "log_prob with dropout")
+    torch.manual_seed(6)
+    assert not torch.allclose(model.log_prob(x), actual)  # the masks do matter
+    grads = torch.autograd.grad(actual.sum(), list(model.parameters()))
+    grads_ref = torch.autograd.grad(expected.sum(), list(reference.parameters()))
+    for (name, _), g, e in zip(model.named_parameters(), grads, grads_ref):
+        _assert_rel(g, e, RTOL[torch.float64], f"d log_prob / d {name}")

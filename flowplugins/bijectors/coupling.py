@@ -58,6 +58,8 @@ class ChannelCoupling(Bijector):
         net: ``None`` for :class:`flowplugins.nets.CouplingNet` (zero-initialised last layer, so
             the layer starts as the identity) or a factory ``net(in_channels, out_channels)``.
         context_features: size ``K`` of the context vector, or ``None``.
+        dropout: dropout rate after the default net's hidden ReLUs, in training mode only
+            (:class:`flowplugins.nets.CouplingNet`); not allowed with a custom ``net``.
 
     Raises:
         ValueError: if ``C < 2``, or (at call time) the context does not fit ``context_features``
@@ -73,6 +75,7 @@ class ChannelCoupling(Bijector):
         hidden: int = 512,
         net: Optional[NetFactory] = None,
         context_features: Optional[int] = None,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(event_shape)
         name = type(self).__name__
@@ -88,7 +91,8 @@ class ChannelCoupling(Bijector):
         self.context_features = context_features
         self.net_out_channels = self.params_per_channel * self.transformed_channels
         self.net = build_net(
-            net, self.identity_channels, self.net_out_channels, hidden, context_features, name
+            net, self.identity_channels, self.net_out_channels, hidden, context_features, name,
+            dropout,
         )
         # A custom net built without context_features may take a context of any form.
         self._validates_context = net is None or context_features is not None
@@ -186,6 +190,7 @@ class AffineCoupling(ChannelCoupling):
         net: ``None`` for the default net, or a factory ``net(in_channels, out_channels)`` whose
             module maps ``ceil(C/2)`` channels to ``2·(C//2)`` channels.
         context_features: size ``K`` of a per-sample context vector, or ``None``.
+        dropout: dropout rate in the default net's hidden layers (training mode only).
 
     Raises:
         ValueError: if ``C < 2``; at call time if the context does not fit
@@ -252,6 +257,7 @@ class AdditiveCoupling(ChannelCoupling):
         net: ``None`` for the default net, or a factory ``net(in_channels, out_channels)`` whose
             module maps ``ceil(C/2)`` channels to ``C//2`` channels.
         context_features: size ``K`` of a per-sample context vector, or ``None``.
+        dropout: dropout rate in the default net's hidden layers (training mode only).
 
     Raises:
         ValueError: if ``C < 2``; at call time if the context does not fit
