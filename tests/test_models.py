@@ -331,3 +331,21 @@ def test_every_backend_runs_on_the_device(device):
     torch.testing.assert_close(nflows_flow(model).log_prob(x, context=y).cpu(), reference, rtol=1e-4, atol=1e-4)
     d = MultiscaleFlowDistribution(model).condition(y)
     assert d.sample().device.type == torch.device(device).type
+
+
+def test_pyro_support_follows_the_preprocessing():
+    """Glow (centring) has real support; RealNVP's logit preprocessing with margin α is defined
+    on (−α/(1−2α), (1−α)/(1−2α)) per pixel, and validation refuses values outside it."""
+    assert glow(SHAPE, backend="pyro", **TINY).support.base_constraint is dist.constraints.real
+    d = realnvp(SHAPE, levels=2, hidden=8, backend="pyro")
+    alpha = d.model.steps[0].alpha
+    interval = d.support.base_constraint
+    assert d.support.event_dim == 3
+    assert math.isclose(interval.lower_bound, -alpha / (1 - 2 * alpha))
+    assert math.isclose(interval.upper_bound, (1 - alpha) / (1 - 2 * alpha))
+    x = _images(4)
+    assert d.support.check(x).all() and not d.support.check(x + 2).any()
+    strict = MultiscaleFlowDistribution(d.model, validate_args=True)
+    assert torch.isfinite(strict.log_prob(x)).all()
+    with pytest.raises(ValueError, match="support"):
+        strict.log_prob(x + 2)

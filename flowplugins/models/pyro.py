@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..bijectors.logit import LogitTransform
 from .multiscale import MultiscaleFlow
 
 try:
@@ -69,8 +70,24 @@ class MultiscaleFlowDistribution(TorchDistribution):
     """
 
     arg_constraints = {}
-    support = constraints.independent(constraints.real, 3)
     has_rsample = True
+
+    @constraints.dependent_property(is_discrete=False, event_dim=3)
+    def support(self):
+        """Where the density is defined: every real image, unless the model's first step
+        needs data in the unit interval. Logit preprocessing with margin ``α`` is defined on
+        ``(−α/(1−2α), (1−α)/(1−2α))`` per pixel, which holds ``[0, 1]`` when ``α > 0`` (Pyro has
+        no open interval: the constraint is the closed one, whose two ends have infinite or
+        undefined density); another step declaring ``input_domain = "unit_interval"`` gives
+        ``[0, 1]``."""
+        first = self.model.steps[0]
+        if type(first) is LogitTransform:
+            a = first.alpha
+            interval = constraints.interval(-a / (1.0 - 2.0 * a), (1.0 - a) / (1.0 - 2.0 * a))
+            return constraints.independent(interval, 3)
+        if getattr(first, "input_domain", "real") == "unit_interval":
+            return constraints.independent(constraints.unit_interval, 3)
+        return constraints.independent(constraints.real, 3)
 
     def __init__(
         self,
