@@ -42,6 +42,17 @@ __all__ = ["Bijector", "EventShape", "as_event_shape", "sum_except_batch"]
 _finite_hook: Optional[Callable[["Bijector", str, Tensor, Tensor, Tensor], None]] = None
 
 
+def calls_are_observed(*modules: nn.Module) -> bool:
+    """Whether calling ``modules`` would be seen from outside: ``check_finite`` mode is on, or
+    a global or per-module forward (pre-)hook is registered. Fast paths that skip the modules'
+    own ``forward`` (fused steps, memory saving's shared recomputation) run only when not."""
+    if _finite_hook is not None:
+        return True
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def as_event_shape(event_shape: Sequence[int], owner: str = "Bijector") -> EventShape:
     """Validate and normalise an image event shape ``(C, H, W)``.
 

@@ -43,14 +43,6 @@ __all__ = ["GlowStepRun", "find_glow_step_runs"]
 _COUPLINGS = (AffineCoupling, AdditiveCoupling)
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
-def _global_hooks() -> bool:
-    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-
-
 def _functorch_active() -> bool:
     # The fused Functions are old-style (see _MixChannels); torch.func transforms refuse those.
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
@@ -135,16 +127,13 @@ class GlowStepRun:
         run's layers, no torch.func transform active, no ActNorm left to initialise from a
         training batch, and (given the model's ``steps._modules``) none of the run's layers
         replaced since the run was built."""
-        if _base._finite_hook is not None or _global_hooks() or _functorch_active():
+        if _functorch_active():
             return False
         if modules is not None and any(modules.get(k) is not m for k, m in self._members):
             return False
-        for actnorm, conv, coupling in zip(self.actnorms, self.convs, self.couplings):
-            if actnorm.training and not actnorm._is_initialized():
-                return False
-            if _has_hooks(actnorm) or _has_hooks(conv) or _has_hooks(coupling):
-                return False
-        return True
+        if any(an.training and not an._is_initialized() for an in self.actnorms):
+            return False
+        return not _base.calls_are_observed(*(m for _, m in self._members))
 
     def _check(self, x: Tensor, context: Optional[Tensor], direction: str) -> None:
         """The checks the layers' own ``forward``/``inverse`` would make, once per run."""

@@ -53,10 +53,6 @@ class Center(Bijector):
         return f"event_shape={self.event_shape}, shift={self.shift}"
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
 def _fusable_pairs(steps: Sequence[Bijector]) -> frozenset:
     """Indices ``i`` where ``steps[i]`` is an :class:`ActNorm` directly followed by an
     :class:`LUInvertibleConv1x1` on the same shape (exact types: a subclass may change either
@@ -75,13 +71,11 @@ def _can_fuse(actnorm: ActNorm, conv: LUInvertibleConv1x1) -> bool:
     observe the difference (no check_finite mode, no module hooks) and ActNorm has nothing to
     initialise."""
     return (
-        _base._finite_hook is None
         # The pair was found at build time; a step assigned to the ModuleList since may differ.
-        and type(actnorm) is ActNorm
+        type(actnorm) is ActNorm
         and type(conv) is LUInvertibleConv1x1
         and not (actnorm.training and not actnorm._is_initialized())
-        and not (_has_hooks(actnorm) or _has_hooks(conv))
-        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+        and not _base.calls_are_observed(actnorm, conv)
     )
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
-import torch
 from torch import Tensor
 
 from ..backends.nflows import NflowsTransform
 from .glow_steps import GlowStepRun
-from .multiscale import MultiscaleFlow
+from .multiscale import MultiscaleFlow, _total_log_det
 
 try:
     from nflows.distributions import StandardNormal
@@ -54,17 +53,12 @@ class _GlowStepRunTransform(CompositeTransform):
         model = self._model
         return inputs.dim() == 4 and model.fuse_glow_steps and self._run.can_fuse(model.steps._modules)
 
-    def _total(self, per_sample: List[Tensor], constant: Tensor, n: int) -> Tensor:
-        if not per_sample:
-            return constant.expand(n)
-        return torch.stack(per_sample).sum(0) + constant
-
     def forward(self, inputs: Tensor, context: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         if not self._fusable(inputs):
             return super().forward(inputs, context)
         run = self._run
         z, per_sample, constant = run.forward(inputs, context if any(run.wants_context) else None)
-        return z, self._total(per_sample, constant, inputs.shape[0])
+        return z, _total_log_det(per_sample, constant, inputs.shape[0], inputs)
 
     def inverse(self, inputs: Tensor, context: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         if not self._fusable(inputs):
@@ -73,7 +67,7 @@ class _GlowStepRunTransform(CompositeTransform):
         x, per_sample, constant = run.inverse(
             inputs, context if any(run.wants_context) else None, with_log_det=True
         )
-        return x.contiguous(), self._total(per_sample, constant, inputs.shape[0])
+        return x.contiguous(), _total_log_det(per_sample, constant, inputs.shape[0], inputs)
 
 
 def nflows_flow(model: MultiscaleFlow) -> Flow:
