@@ -49,17 +49,13 @@ def test_glow_round_trip_bounds(coupling, permutation):
         assert report.max_abs_latent > 2.0  # the perturbation moved the model off the identity
 
 
-def test_deeper_glow_round_trip_bounds():
+@pytest.mark.parametrize("build", [
+    lambda shape: composer.glow(shape, levels=2, depth=12, hidden=64, seed=1),
+    lambda shape: composer.realnvp(shape, levels=2, depth=2, hidden=32, seed=0),
+], ids=["deeper_glow", "realnvp"])
+def test_round_trip_bounds(build):
     shape = (3, 16, 16)
-    model, x = _prepared(composer.glow(shape, levels=2, depth=12, hidden=64, seed=1), shape)
-    for dtype, bound in BOUNDS.items():
-        report = roundtrip_error(copy.deepcopy(model).to(dtype), x.to(dtype))
-        assert report.finite and report.max_abs_error <= bound, f"{dtype}: {report}"
-
-
-def test_realnvp_round_trip_bounds():
-    shape = (3, 16, 16)
-    model, x = _prepared(composer.realnvp(shape, levels=2, depth=2, hidden=32, seed=0), shape)
+    model, x = _prepared(build(shape), shape)
     for dtype, bound in BOUNDS.items():
         report = roundtrip_error(copy.deepcopy(model).to(dtype), x.to(dtype))
         assert report.finite and report.max_abs_error <= bound, f"{dtype}: {report}"
