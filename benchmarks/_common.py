@@ -29,7 +29,7 @@ __all__ = [
     "peak_rss_mib",
     "MemoryMeter",
     "time_calls",
-    "time_paired",
+    "time_interleaved",
     "run_child",
     "rotate",
     "median",
@@ -124,31 +124,33 @@ def time_calls(fn: Callable[[], object], device, warmup: int, iters: int) -> flo
     return statistics.median(times)
 
 
-def time_paired(fn_a: Callable[[], object], fn_b: Callable[[], object], device, warmup: int,
-                iters: int) -> Dict[str, float]:
-    """Time ``fn_a`` and ``fn_b`` alternately; medians of each and of the per-pair ratio a/b.
+def time_interleaved(fns: Dict[str, Callable[[], object]], device, warmup: int,
+                     iters: int) -> Dict[str, dict]:
+    """Time several calls in turn, one of each per iteration (the first one first).
 
-    Alternating the two calls inside one process makes their ratio immune to the load swings
-    of a shared machine, which shift whole processes' timings by ±20-50%.
+    Returns, per name, the median call time ``s`` and ``ratio``: the median over iterations of
+    the first call's time divided by this one's (so the first call's own ratio is 1). Calls
+    interleaved inside one process see the same load, which on a shared machine shifts whole
+    processes' timings by ±20-50%, so their ratios are far steadier than their times.
     """
     import torch
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
     for _ in range(warmup):
-        fn_a()
-        fn_b()
+        for fn in fns.values():
+            fn()
     sync()
-    times_a, times_b = [], []
+    times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(iters):
-        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+        for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             sync()
-            times.append(time.perf_counter() - t0)
+            times[name].append(time.perf_counter() - t0)
+    first = times[next(iter(fns))]
     return {
-        "a_s": statistics.median(times_a),
-        "b_s": statistics.median(times_b),
-        "ratio": statistics.median(a / b for a, b in zip(times_a, times_b)),
+        name: {"s": statistics.median(ts), "ratio": statistics.median(a / b for a, b in zip(first, ts))}
+        for name, ts in times.items()
     }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numbers
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["CouplingNet", "NetFactory", "build_net", "check_context"]
@@ -48,6 +49,11 @@ class CouplingNet(nn.Module):
         dropout: probability of zeroing a hidden activation after each hidden ReLU, in training
             mode only (Flow++ uses it against overfitting on small data sets); ``0`` adds no
             layer.
+        channels_last: run the convolutions on a channels-last copy of ``h`` (the result is
+            returned contiguous, so callers see no difference but speed). ``None`` (default)
+            does so on CPU only: there oneDNN runs these convolutions 10–25% faster in
+            channels-last layout, forward and backward (see BENCHMARKS.md), far more than the
+            two layout copies cost; on other devices the layout is left as given.
 
     Raises:
         ValueError: if a size is not a positive integer; at call time if a context is given to
@@ -72,8 +78,13 @@ class CouplingNet(nn.Module):
         hidden: int = 512,
         context_features: Optional[int] = None,
         dropout: float = 0.0,
+        channels_last: Optional[bool] = None,
     ) -> None:
         super().__init__()
+        if channels_last is not None and not isinstance(channels_last, bool):
+            raise TypeError(
+                f"CouplingNet: channels_last must be True, False or None; got {channels_last!r}"
+            )
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"CouplingNet: dropout must be in [0, 1); got {dropout!r}")
         for label, value in (
@@ -97,9 +108,18 @@ class CouplingNet(nn.Module):
             nn.Linear(self.context_features, self.hidden) if self.context_features else None
         )
         self.drop = nn.Dropout(float(dropout)) if dropout else None
+        self.channels_last = channels_last
+
+    def _uses_channels_last(self, h: Tensor) -> bool:
+        if self.channels_last is None:
+            return h.device.type == "cpu"
+        return self.channels_last
 
     def forward(self, h: Tensor, context: Optional[Tensor] = None) -> Tensor:
         check_context("CouplingNet", context, self.context_features, h.shape[0])
+        channels_last = h.dim() == 4 and self._uses_channels_last(h)
+        if channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
         a = self.conv_in(h)
         if self.context_proj is not None:
             # In place: a convolution's backward needs its input, not its output, so this
@@ -107,12 +127,15 @@ class CouplingNet(nn.Module):
             a.add_(self.context_proj(context)[:, :, None, None])
         a = a.relu_()
         a = self.conv_hidden(a if self.drop is None else self.drop(a)).relu_()
-        return self.conv_out(a if self.drop is None else self.drop(a))
+        out = self.conv_out(a if self.drop is None else self.drop(a))
+        # Contiguous again: callers view and slice the output as (N, C, H, W) rows.
+        return out.contiguous() if channels_last else out
 
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
             f"hidden={self.hidden}, context_features={self.context_features}"
+            + ("" if self.channels_last is None else f", channels_last={self.channels_last}")
         )
 
 

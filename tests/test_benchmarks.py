@@ -48,6 +48,15 @@ def test_glow_throughput_json():
     assert data["coupling_nets_match"] is True
     assert set(data["summary"]) == {"floor", "flowplugins"}
     assert data["summary"]["floor"]["train_ratio"] == pytest.approx(1.0)
+    # The floor is its faster layout; against the contiguous floor it can only look better.
+    floor = data["summary"]["floor"]
+    assert 0 < floor["train_ratio_contiguous"] <= 1.0 and 0 < floor["sample_ratio_contiguous"] <= 1.0
+    for got in data["rounds"][0].values():
+        assert got["floor_train_layout"] in ("contiguous", "channels_last")
+        assert got["floor_sample_layout"] in ("contiguous", "channels_last")
+    ours = data["rounds"][0]["flowplugins"]
+    if ours["floor_train_layout"] == "contiguous":
+        assert ours["train_ratio"] == ours["train_ratio_contiguous"]
 
 
 def test_glow_throughput_rejects_unknown_library():

@@ -108,6 +108,61 @@ def test_context_net_on_device(device):
     assert out.shape == (2, 4, 5, 5) and out.device.type == device
 
 
+def _conv_in_layouts(net, *args):
+    """Whether conv_in saw a channels-last input, and the output, for one call."""
+    seen = []
+    handle = net.conv_in.register_forward_pre_hook(
+        lambda m, inp: seen.append(
+            inp[0].is_contiguous(memory_format=torch.channels_last) and not inp[0].is_contiguous()
+        )
+    )
+    try:
+        out = net(*args)
+    finally:
+        handle.remove()
+    return seen[0], out
+
+
+@pytest.mark.parametrize("features", [None, 3])
+def test_channels_last_layout_changes_speed_not_values(features):
+    torch.manual_seed(0)
+    base = CouplingNet(3, 6, hidden=8, context_features=features, channels_last=False).double()
+    perturb(base)
+    fast = CouplingNet(3, 6, hidden=8, context_features=features, channels_last=True).double()
+    fast.load_state_dict(base.state_dict())
+    h = torch.randn(4, 6, 5, 7, dtype=torch.float64)[:, 1:4]  # a channel slice, as couplings pass
+    ctx = torch.randn(4, 3, dtype=torch.float64) if features else None
+    args = (h,) if ctx is None else (h, ctx)
+    used_base, out_base = _conv_in_layouts(base, *args)
+    used_fast, out_fast = _conv_in_layouts(fast, *args)
+    assert (used_base, used_fast) == (False, True)
+    assert out_fast.is_contiguous() and out_fast.shape == (4, 6, 5, 7)
+    torch.testing.assert_close(out_fast, out_base, rtol=1e-12, atol=1e-12)
+    seed = torch.randn_like(out_base)
+    grads = []
+    for net in (base, fast):
+        leaf = h.detach().requires_grad_(True)
+        out = net(leaf) if ctx is None else net(leaf, ctx)
+        grads.append(torch.autograd.grad(out, [leaf, *net.parameters()], seed))
+    for g_base, g_fast in zip(*grads):
+        torch.testing.assert_close(g_fast, g_base, rtol=1e-10, atol=1e-12)
+
+
+def test_channels_last_default_follows_the_device(device):
+    net = CouplingNet(2, 4, hidden=8).to(device)
+    assert net.channels_last is None
+    used, out = _conv_in_layouts(net, torch.randn(2, 2, 4, 4, device=device))
+    # oneDNN's CPU convolutions are faster channels-last; elsewhere the layout is kept.
+    assert used == (device == "cpu")
+    assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("bad", [1, "yes", 0.0])
+def test_channels_last_must_be_a_bool_or_none(bad):
+    with pytest.raises(TypeError, match="CouplingNet: channels_last must be True, False or None"):
+        CouplingNet(2, 4, hidden=8, channels_last=bad)
+
+
 def test_docstring_examples_run():
     result = doctest.testmod(nets_module)
     assert result.attempted > 0 and result.failed == 0
