@@ -173,9 +173,13 @@ def run_model(variant: str, cfg, device, warmup: int, iters: int) -> Dict[str, o
             "params": counts, "first_loss": loss0}
 
 
+def _faster_layout(timed: Dict[str, dict]) -> str:
+    return min(FLOOR_LAYOUTS, key=lambda layout: timed[layout]["s"])
+
+
 def _against_floor(phase: str, timed: Dict[str, dict]) -> Dict[str, object]:
     """The ratio to the faster floor layout, and to the contiguous one."""
-    best = min(FLOOR_LAYOUTS, key=lambda layout: timed[layout]["s"])
+    best = _faster_layout(timed)
     return {f"{phase}_ratio": timed[best]["ratio"], f"floor_{phase}_s": timed[best]["s"],
             f"floor_{phase}_layout": best,
             f"{phase}_ratio_contiguous": timed["contiguous"]["ratio"]}
@@ -194,7 +198,7 @@ def run_floor(cfg, device, warmup: int, iters: int) -> Dict[str, object]:
         "params": {"stored": n_params, "effective": n_params, "coupling_nets": n_params},
     }
     for phase, timed in (("train", train), ("sample", sampling)):
-        best = min(FLOOR_LAYOUTS, key=lambda layout: timed[layout]["s"])
+        best = _faster_layout(timed)
         out.update({f"{phase}_s": timed[best]["s"], f"{phase}_ratio": 1.0,
                     f"floor_{phase}_layout": best,
                     f"{phase}_ratio_contiguous": timed[best]["s"] / timed["contiguous"]["s"]})
