@@ -127,6 +127,17 @@ def _prepare(model: MultiscaleFlow, x: Tensor, context: Optional[Tensor],
     return model, reference
 
 
+def _prepared_in_mode(case, mode: str):
+    """:func:`_prepare` for a case's model, both copies set to ``mode`` ("train" or "eval");
+    returns the model, its step-by-step reference, and the data and context used."""
+    model = _model(*case)
+    x, context = _data(model)
+    model, reference = _prepare(model, x, context)
+    model.train(mode == "train")
+    reference.train(mode == "train")
+    return model, reference, x, context
+
+
 def _assert_rel(actual: Optional[Tensor], expected: Optional[Tensor], rtol: float,
                 what: str) -> None:
     """``max|actual - expected| <= rtol · max|expected|`` (a tensor-wide relative error)."""
@@ -191,11 +202,7 @@ def calls(monkeypatch) -> Dict[str, int]:
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_log_prob_and_gradients_equal_step_by_step_float64(case, mode, calls):
-    model = _model(*case)
-    x, context = _data(model)
-    model, reference = _prepare(model, x, context)
-    model.train(mode == "train")
-    reference.train(mode == "train")
+    model, reference, x, context = _prepared_in_mode(case, mode)
     calls["forward"] = 0
     _assert_same_log_prob_and_grads(model, reference, x, context, RTOL[torch.float64])
     assert calls["forward"] == len(model._glow_runs) == case[1]
@@ -253,11 +260,7 @@ def test_copies_fuse_their_own_layers():
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("case", CASES[1:], ids=CASE_IDS[1:])
 def test_encode_decode_equal_step_by_step_and_invert(case, mode):
-    model = _model(*case)
-    x, context = _data(model)
-    model, reference = _prepare(model, x, context)
-    model.train(mode == "train")
-    reference.train(mode == "train")
+    model, reference, x, context = _prepared_in_mode(case, mode)
     rtol = RTOL[torch.float64]
     with torch.no_grad():
         z, log_det = model.encode_with_log_det(x, context)
@@ -310,11 +313,7 @@ def test_decode_gradients_equal_step_by_step(case, mode):
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[3], CASES[5]],
                          ids=[CASE_IDS[1], CASE_IDS[2], CASE_IDS[3], CASE_IDS[5]])
 def test_sample_equals_step_by_step_and_restores_mode(case, mode, calls):
-    model = _model(*case)
-    x, context = _data(model)
-    model, reference = _prepare(model, x, context)
-    model.train(mode == "train")
-    reference.train(mode == "train")
+    model, reference, x, context = _prepared_in_mode(case, mode)
     contexts = [None] if context is None else [context[0], context[:3].repeat(2, 1)]
     for temperature in (1.0, 0.6, 0.0):
         for c in contexts:
