@@ -35,6 +35,7 @@ __all__ = [
     "median",
     "machine_info",
     "markdown_table",
+    "fmt",
     "log",
     "glow_net",
     "make_adam",

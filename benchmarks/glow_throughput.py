@@ -16,6 +16,12 @@ device:
   10-25% faster channels-last, so a floor fixed to one layout could be beaten. The ratio to
   the contiguous floor alone is reported as well.
 
+With ``--compile`` every library's NLL and sampling call goes through ``torch.compile`` (the
+default Inductor backend), and so do the floor's nets: the floor is then the fastest of four
+variants, eager or compiled in either layout. Compilation happens in the warm-up calls, before
+anything is timed. Peak memory is not reported under ``--compile``: the compiler's own peak
+RSS would swamp the train step's.
+
 Each library runs in its own process, once per round, in a rotated order. Inside that process
 its train step (and its sampling call) alternates with the floor's two layouts, so the ratio
 ``library time / floor time`` is measured side by side, immune to load swings between
@@ -26,6 +32,7 @@ Usage::
 
     python benchmarks/glow_throughput.py --config small --threads 1 --rounds 5
     python benchmarks/glow_throughput.py --config large --threads 2 --rounds 3 --json
+    python benchmarks/glow_throughput.py --config small --threads 1 --rounds 3 --compile
     python benchmarks/glow_throughput.py --quick        # smoke test, a few seconds
 """
 
@@ -45,6 +52,7 @@ from _common import (  # noqa: E402
     add_common_args,
     child_setup,
     emit,
+    fmt,
     log,
     machine_info,
     markdown_table,
@@ -84,18 +92,27 @@ def _prime(variant: str, device) -> None:
 
 
 FLOOR_LAYOUTS = ("contiguous", "channels_last")
+COMPILED = "compiled "  # prefix of the compiled floor variants' names
+
+
+def floor_variants(compile_: bool) -> List[str]:
+    """The floor's variants timed beside every model: its layouts, eager and (with
+    ``--compile``) compiled."""
+    return [*FLOOR_LAYOUTS, *(COMPILED + layout for layout in FLOOR_LAYOUTS if compile_)]
 
 
 class _Floor:
     """The floor's two workloads: every coupling net's forward + backward (inputs require
     grad, as inside a flow), and every coupling net once without grad, in one memory layout:
-    ``"contiguous"`` (N, C, H, W) or ``"channels_last"`` (inputs, seeds and weights)."""
+    ``"contiguous"`` (N, C, H, W) or ``"channels_last"`` (inputs, seeds and weights), eager or,
+    for a variant named ``"compiled <layout>"``, through ``torch.compile``."""
 
-    def __init__(self, cfg, device, layout: str = "contiguous") -> None:
+    def __init__(self, cfg, device, variant: str = "contiguous") -> None:
         import torch
 
         from _glow import floor_nets
 
+        layout = variant[len(COMPILED):] if variant.startswith(COMPILED) else variant
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         self.nets, shapes = floor_nets(cfg)
         self.nets.to(device=device, memory_format=fmt)
@@ -105,6 +122,12 @@ class _Floor:
         with torch.no_grad():
             self.seeds = [torch.randn_like(net(inp)) for net, inp in zip(self.nets, self.inputs)]
         self.leaves = [inp.clone().requires_grad_(True) for inp in self.inputs]
+        self.run = self._run_nets
+        if variant.startswith(COMPILED):
+            self.run = torch.compile(self._run_nets)
+
+    def _run_nets(self, inputs):
+        return [net(inp) for net, inp in zip(self.nets, inputs)]
 
     def train(self) -> None:
         import torch
@@ -113,18 +136,17 @@ class _Floor:
             p.grad = None
         for leaf in self.leaves:
             leaf.grad = None
-        outs = [net(leaf) for net, leaf in zip(self.nets, self.leaves)]
-        torch.autograd.backward(outs, self.seeds)
+        torch.autograd.backward(self.run(self.leaves), self.seeds)
 
     def sample(self) -> None:
         import torch
 
         with torch.no_grad():
-            for net, inp in zip(self.nets, self.inputs):
-                net(inp)
+            self.run(self.inputs)
 
 
-def run_model(variant: str, cfg, device, warmup: int, iters: int) -> Dict[str, object]:
+def run_model(variant: str, cfg, device, warmup: int, iters: int,
+              compile_: bool = False) -> Dict[str, object]:
     """Memory of the train step first (nothing else allocated yet), then the model's train
     and sampling times, each alternated with the floor's in this same process."""
     import torch
@@ -143,10 +165,13 @@ def run_model(variant: str, cfg, device, warmup: int, iters: int) -> Dict[str, o
     counts = parameter_counts(model, lambda m: coupling_nets_of(library, m))
     optimizer = make_adam([p for p in model.parameters() if p.requires_grad])
     model.train()
+    nll, draw = gut.nll, gut.sample
+    if compile_:
+        nll, draw = torch.compile(gut.nll), torch.compile(gut.sample)
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
-        loss = gut.nll(x)
+        loss = nll(x)
         loss.backward()
         optimizer.step()
         return loss
@@ -154,8 +179,8 @@ def run_model(variant: str, cfg, device, warmup: int, iters: int) -> Dict[str, o
     loss0 = float(train_step().detach())  # ActNorm's data-dependent init happens here
     for _ in range(warmup):
         train_step()
-    peak = meter.peak_mib()
-    floors = {layout: _Floor(cfg, device, layout) for layout in FLOOR_LAYOUTS}
+    peak = None if compile_ else meter.peak_mib()
+    floors = {name: _Floor(cfg, device, name) for name in floor_variants(compile_)}
     train = time_interleaved(
         {"model": train_step, **{k: f.train for k, f in floors.items()}}, device, warmup, iters
     )
@@ -163,7 +188,7 @@ def run_model(variant: str, cfg, device, warmup: int, iters: int) -> Dict[str, o
 
     def sample():
         with torch.no_grad():
-            gut.sample(cfg.batch)
+            draw(cfg.batch)
 
     sampling = time_interleaved(
         {"model": sample, **{k: f.sample for k, f in floors.items()}}, device, warmup, iters
@@ -174,23 +199,24 @@ def run_model(variant: str, cfg, device, warmup: int, iters: int) -> Dict[str, o
 
 
 def _faster_layout(timed: Dict[str, dict]) -> str:
-    return min(FLOOR_LAYOUTS, key=lambda layout: timed[layout]["s"])
+    """The fastest floor variant among those timed."""
+    return min((name for name in timed if name != "model"), key=lambda name: timed[name]["s"])
 
 
 def _against_floor(phase: str, timed: Dict[str, dict]) -> Dict[str, object]:
-    """The ratio to the faster floor layout, and to the contiguous one."""
+    """The ratio to the fastest floor variant, and to the eager contiguous one."""
     best = _faster_layout(timed)
     return {f"{phase}_ratio": timed[best]["ratio"], f"floor_{phase}_s": timed[best]["s"],
             f"floor_{phase}_layout": best,
             f"{phase}_ratio_contiguous": timed["contiguous"]["ratio"]}
 
 
-def run_floor(cfg, device, warmup: int, iters: int) -> Dict[str, object]:
-    """The floor alone in its own process: its memory and absolute times (faster layout)."""
+def run_floor(cfg, device, warmup: int, iters: int, compile_: bool = False) -> Dict[str, object]:
+    """The floor alone in its own process: its memory and absolute times (fastest variant)."""
     meter = MemoryMeter(device)
-    floors = {layout: _Floor(cfg, device, layout) for layout in FLOOR_LAYOUTS}
+    floors = {name: _Floor(cfg, device, name) for name in floor_variants(compile_)}
     train = time_interleaved({k: f.train for k, f in floors.items()}, device, warmup, iters)
-    peak = meter.peak_mib()
+    peak = None if compile_ else meter.peak_mib()
     sampling = time_interleaved({k: f.sample for k, f in floors.items()}, device, warmup, iters)
     n_params = sum(p.numel() for p in floors["contiguous"].nets.parameters())
     out: Dict[str, object] = {
@@ -213,9 +239,9 @@ def child(args) -> None:
     warmup, iters = ITERS[args.config]
     _prime(args.child, device)
     if args.child == "floor":
-        emit(run_floor(cfg, device, warmup, iters))
+        emit(run_floor(cfg, device, warmup, iters, args.compile))
     else:
-        emit(run_model(args.child, cfg, device, warmup, iters))
+        emit(run_model(args.child, cfg, device, warmup, iters, args.compile))
 
 
 def summarize(per_round: List[Dict[str, dict]], variants: List[str], batch: int) -> Dict[str, dict]:
@@ -233,7 +259,8 @@ def summarize(per_round: List[Dict[str, dict]], variants: List[str], batch: int)
             "sample_ratio_contiguous": median([rd[v]["sample_ratio_contiguous"] for rd in per_round]),
             "floor_layouts": sorted({f"{rd[v]['floor_train_layout']}/{rd[v]['floor_sample_layout']}"
                                      for rd in per_round}),
-            "peak_mib": median([rd[v]["peak_mib"] for rd in per_round]),
+            "peak_mib": median([rd[v]["peak_mib"] for rd in per_round
+                                if rd[v]["peak_mib"] is not None]),
         }
     return out
 
@@ -253,13 +280,13 @@ def parent(args) -> int:
         this_round = {}
         for v in rotate(["floor", *variants], r):
             child_args = ["--child", v, "--config", args.config, "--device", args.device,
-                          "--threads", str(args.threads)]
+                          "--threads", str(args.threads), *(["--compile"] if args.compile else [])]
             this_round[v] = run_child(script, child_args, args.threads)
             got = this_round[v]
             log(f"round {r + 1}/{args.rounds} {v}: train {got['train_s'] * 1e3:.1f} ms "
                 f"({got['train_ratio']:.2f}× floor, {got['floor_train_layout']}), "
                 f"sample {got['sample_s'] * 1e3:.1f} ms ({got['sample_ratio']:.2f}× floor, "
-                f"{got['floor_sample_layout']}), peak {got['peak_mib']:.0f} MiB")
+                f"{got['floor_sample_layout']}), peak {fmt(got['peak_mib'], 0)} MiB")
         per_round.append(this_round)
     summary = summarize(per_round, variants, cfg.batch)
     nets = {v: s["params"]["coupling_nets"] for v, s in summary.items()}
@@ -271,7 +298,8 @@ def parent(args) -> int:
                           "args": vars(args), "coupling_nets_match": nets_match,
                           "summary": summary, "rounds": per_round}, indent=2, default=str))
         return 0 if nets_match else 1
-    print(f"Glow {cfg.describe()}; {args.device}, {args.threads} thread(s); medians of "
+    compiled = "; torch.compile (models and floor)" if args.compile else ""
+    print(f"Glow {cfg.describe()}; {args.device}, {args.threads} thread(s){compiled}; medians of "
           f"{args.rounds} round(s)\n")
     header = ["library", "params (stored)", "params (effective)", "coupling-net params",
               "train img/s", "train / floor", "train / contiguous floor", "sample img/s",
@@ -284,7 +312,7 @@ def parent(args) -> int:
                      s["sample_ratio"], s["sample_ratio_contiguous"], s["peak_mib"]])
     print(markdown_table(header, rows))
     layouts = sorted({layout for s in summary.values() for layout in s["floor_layouts"]})
-    print(f"\nfaster floor layout (train/sample), over rounds and processes: {', '.join(layouts)}")
+    print(f"\nfastest floor variant (train/sample), over rounds and processes: {', '.join(layouts)}")
     return 0 if nets_match else 1
 
 
@@ -295,6 +323,8 @@ def main(argv=None) -> int:
                         help="small: 1×8×8 L2 K4 h64 batch 64; large: 3×32×32 L3 K8 h128 batch 16")
     parser.add_argument("--libraries", default=DEFAULT_VARIANTS,
                         help=f"comma-separated, from {','.join(VARIANTS)} (default {DEFAULT_VARIANTS})")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every model's NLL and sampling call and the floor's nets")
     args = parser.parse_args(argv)
     if args.quick:
         args.config, args.rounds = "quick", min(args.rounds, 1)

@@ -42,6 +42,21 @@ __all__ = ["Bijector", "EventShape", "as_event_shape", "sum_except_batch"]
 _finite_hook: Optional[Callable[["Bijector", str, Tensor, Tensor, Tensor], None]] = None
 
 
+def is_compiling() -> bool:
+    """Whether ``torch.compile`` (Dynamo) is tracing the current call.
+
+    Fast paths built for eager execution (hand-written autograd Functions that write into
+    ``out=`` views, caches keyed on storage addresses) break Dynamo's graph into pieces, and
+    compiled code runs slower than eager through them. While tracing, layers take their plain
+    tensor path instead, which Dynamo traces as one graph and Inductor fuses.
+    """
+    compiler = getattr(torch, "compiler", None)
+    check = getattr(compiler, "is_compiling", None)
+    if check is None:  # torch < 2.3
+        check = getattr(getattr(torch, "_dynamo", None), "is_compiling", None)
+    return bool(check()) if check is not None else False
+
+
 def calls_are_observed(*modules: nn.Module) -> bool:
     """Whether calling ``modules`` would be seen from outside: ``check_finite`` mode is on, or
     a global or per-module forward (pre-)hook is registered. Fast paths that skip the modules'

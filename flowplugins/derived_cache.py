@@ -11,6 +11,8 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 from torch import Tensor
 
+from .base import is_compiling
+
 __all__ = ["DerivedTensorCache"]
 
 
@@ -46,7 +48,14 @@ class DerivedTensorCache:
         self._key: Optional[tuple] = None
 
     def get(self, name: str, build: Callable[[], object], sources: Iterable[Tensor]) -> object:
-        """The value ``name``, built by ``build()`` unless cached for the current ``sources``."""
+        """The value ``name``, built by ``build()`` unless cached for the current ``sources``.
+
+        While ``torch.compile`` traces, the value is built inside the graph and not cached:
+        Dynamo cannot trace the key's storage addresses, and breaks the graph on them.
+        """
+        if is_compiling():
+            with torch.no_grad():
+                return build()
         key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in sources)
         if key != self._key:
             self._values = {}

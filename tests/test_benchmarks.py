@@ -59,6 +59,21 @@ def test_glow_throughput_json():
         assert ours["train_ratio"] == ours["train_ratio_contiguous"]
 
 
+@pytest.mark.slow
+def test_glow_throughput_compile_json():
+    """--compile times the compiled floor beside the eager one and reports no peak memory."""
+    proc = _run("glow_throughput.py", "--json", "--compile", "--libraries", "flowplugins")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(proc.stdout)
+    assert data["args"]["compile"] is True
+    variants = ("contiguous", "channels_last", "compiled contiguous", "compiled channels_last")
+    for got in data["rounds"][0].values():
+        assert got["floor_train_layout"] in variants and got["floor_sample_layout"] in variants
+        assert got["peak_mib"] is None
+    floor = data["summary"]["floor"]
+    assert 0 < floor["train_ratio_contiguous"] <= 1.0 and 0 < floor["sample_ratio_contiguous"] <= 1.0
+
+
 def test_glow_throughput_rejects_unknown_library():
     proc = _run("glow_throughput.py", "--libraries", "flowplugins,tensorflow")
     assert proc.returncode == 2

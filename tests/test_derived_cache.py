@@ -57,3 +57,20 @@ def test_values_built_in_inference_mode_can_be_saved_for_backward():
     x = torch.randn(2, requires_grad=True)
     (cache.get("w", lambda: w + 0, [w]) @ x).sum().backward()
     assert x.grad is not None
+
+
+def test_nothing_is_cached_while_torch_compile_traces():
+    """Dynamo cannot trace the key (storage addresses): under torch.compile the value is built
+    in the graph each call, and a source changed in place between calls is seen."""
+    w = torch.eye(2) * 2.0
+    cache = DerivedTensorCache()
+
+    def inverse_plus_one(source):
+        return cache.get("inverse", lambda: torch.linalg.inv(source), [source]) + 1.0
+
+    compiled = torch.compile(inverse_plus_one, backend="eager")
+    torch.testing.assert_close(compiled(w), torch.eye(2) * 0.5 + 1.0)
+    assert len(cache) == 0
+    w.mul_(2.0)
+    torch.testing.assert_close(compiled(w), torch.eye(2) * 0.25 + 1.0)
+    assert len(cache) == 0

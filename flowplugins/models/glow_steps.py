@@ -123,11 +123,12 @@ class GlowStepRun:
 
     # ------------------------------------------------------------------ checks
     def can_fuse(self, modules: Optional[dict] = None) -> bool:
-        """Whether fusing is unobservable now: no ``check_finite`` mode, no module hooks on the
-        run's layers, no torch.func transform active, no ActNorm left to initialise from a
-        training batch, and (given the model's ``steps._modules``) none of the run's layers
-        replaced since the run was built."""
-        if _functorch_active():
+        """Whether fusing is unobservable now and worth it: no ``check_finite`` mode, no module
+        hooks on the run's layers, no torch.func transform active, no ``torch.compile`` tracing
+        (the step-by-step path traces as one graph, which the fused Functions' ``out=`` views
+        would break), no ActNorm left to initialise from a training batch, and (given the
+        model's ``steps._modules``) none of the run's layers replaced since the run was built."""
+        if _functorch_active() or _base.is_compiling():
             return False
         if modules is not None and any(modules.get(k) is not m for k, m in self._members):
             return False
