@@ -349,3 +349,36 @@ def test_pyro_support_follows_the_preprocessing():
     assert torch.isfinite(strict.log_prob(x)).all()
     with pytest.raises(ValueError, match="support"):
         strict.log_prob(x + 2)
+
+
+def test_torch_compile_before_actnorm_init_initialises_eagerly_and_traces_whole():
+    """Compiling an uninitialised Glow: ActNorm's data-dependent init runs as one eager pass
+    outside the graph (the same values as eager init), and the graph traced after it holds
+    every coupling net's convolutions, instead of pieces split at each ActNorm and cached."""
+    torch.manual_seed(0)
+    model = glow(SHAPE, seed=0, **TINY)
+    reference = glow(SHAPE, seed=0, **TINY)
+    x = _images(8)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def convolutions(gm) -> int:
+        return sum(
+            (node.op == "call_function" and node.target in (torch.conv2d, torch.nn.functional.conv2d))
+            or (node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.Conv2d))
+            for node in gm.graph.nodes
+        )
+
+    torch._dynamo.reset()
+    loss = torch.compile(lambda batch: -model.log_prob(batch).mean(), backend=backend)
+    for _ in range(3):
+        actual = loss(x)
+    expected = -reference.log_prob(x).mean()  # eager: initialises on this batch
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=name)
+    nets = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert max(convolutions(gm) for gm in graphs) == nets

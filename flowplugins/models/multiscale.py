@@ -121,6 +121,33 @@ def _total_log_det(per_sample: List[Tensor], constant: Optional[Tensor], n: int,
     return constant.expand(n)
 
 
+def _actnorms_await_initialization(model: nn.Module) -> bool:
+    """Whether a training-mode ActNorm of ``model`` is not known to be initialised.
+
+    Reads ActNorm's Python flag only: reading its ``initialized`` buffer would be a
+    data-dependent branch, which Dynamo cannot trace. A flag still false after a state-dict
+    load just costs one eager pass that initialises nothing.
+    """
+    return any(
+        isinstance(m, ActNorm) and m.training and not m._known_initialized for m in model.modules()
+    )
+
+
+@torch.compiler.disable
+def _initialize_actnorms_eagerly(model: "MultiscaleFlow", x: Tensor, context: Optional[Tensor]) -> None:
+    """One eager, no-grad pass of ``model`` over ``x``, outside any compiled graph: every
+    ActNorm that still needs it initialises itself, in order, from the activations that reach
+    it (exactly what the training pass would do).
+
+    Under ``torch.compile`` a data-dependent initialisation inside the traced pass splits the
+    graph deep in the model, and those pieces stay cached after initialisation: a compiled
+    train step was then slower than eager. Initialising first, in one break at the top of the
+    pass, lets the graph traced next be the initialised model's, whole.
+    """
+    with torch.no_grad():
+        model._encode_parts(x, context)
+
+
 def _wants_context(step: nn.Module) -> bool:
     # The convention of every built-in: a layer built with context_features=K uses the
     # context, one built without refuses it.
@@ -307,6 +334,8 @@ class MultiscaleFlow(nn.Module):
 
     def _encode_parts(self, x: Tensor, context: Optional[Tensor]) -> Tuple[List[Tensor], Tensor]:
         """Flat batch ``x`` → the latents ``[z_1, …, z_L]`` and the total log-det."""
+        if self.training and _base.is_compiling() and _actnorms_await_initialization(self):
+            _initialize_actnorms_eagerly(self, x, context)
         if self.memory_saving and torch.is_grad_enabled():
             return self._encode_parts_memory_saving(x, context)
         parts: List[Tensor] = []
