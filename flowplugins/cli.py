@@ -119,7 +119,7 @@ def _report_check(args: argparse.Namespace, status: str, message: str,
 _TRAIN_FIELDS = [
     "data", "data_root", "download", "val_size", "epochs", "batch_size", "lr", "warmup_steps",
     "lr_schedule", "weight_decay", "dequantization", "grad_clip", "ema_decay", "patience", "max_minutes",
-    "eval_samples", "seed", "out", "threads", "device", "sample_temperature", "amp",
+    "eval_samples", "seed", "out", "threads", "device", "sample_temperature", "amp", "compile",
 ]
 _MODEL_FIELDS = ["arch", "levels", "depth", "hidden", "coupling", "permutation", "split_prior",
                  "conditional", "dropout", "memory_saving"]
@@ -173,6 +173,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", metavar="DEV", help="cpu (default), cuda or auto")
     g.add_argument("--amp", choices=["bf16"],
                    help="mixed precision: coupling nets in bf16, log-dets and loss in float32")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the training pass (the first step compiles; pays off "
+                        "without dropout, see TrainConfig.compile)")
     g.add_argument("--eval-samples", type=int, metavar="N",
                    help="dequantization draws per image when evaluating")
     g.add_argument("--sample-temperature", type=float, metavar="T")

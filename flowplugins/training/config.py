@@ -130,6 +130,11 @@ class TrainConfig:
             :mod:`flowplugins.training.precision`.
         sample_count: images in samples.png.
         sample_temperature: temperature of samples.png (Glow §5).
+        compile: run the training pass (dequantizer, flow, log-likelihood) through
+            ``torch.compile``; evaluation and sampling stay eager. The first step compiles
+            (about a minute for the default model on CPU). Measured on the 2-core CPU machine,
+            1 thread, default digits model: train step 45.4 → 37.1 ms without dropout, but
+            56.9 → 83.0 ms with the default ``dropout=0.2`` (compiled dropout is slower there).
     """
 
     data: str = "digits"
@@ -160,6 +165,7 @@ class TrainConfig:
     amp: Optional[str] = None
     sample_count: int = 64
     sample_temperature: float = 0.8
+    compile: bool = False
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> "TrainConfig":
@@ -195,6 +201,8 @@ class TrainConfig:
             raise ConfigError(f"device must be 'cpu', 'cuda[:N]' or 'auto'; got {self.device!r}")
         if self.amp not in (None, "bf16"):
             raise ConfigError(f"amp must be 'bf16' or None; got {self.amp!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be true or false; got {self.compile!r}")
         if not self.sample_temperature > 0:
             raise ConfigError(f"sample_temperature must be positive; got {self.sample_temperature!r}")
         return self

@@ -259,6 +259,9 @@ def train(
     dequantizer = build_dequantizer(config.dequantization, data.event_shape, n_levels).to(rt.device)
     trainable = LogProbObjective(model, dequantizer)
     objective = rt.wrap(trainable)
+    if config.compile:
+        # Only the training pass: checkpoints, evaluation and sampling use the eager modules.
+        objective = torch.compile(objective)
     decay, no_decay = [], []
     for p in trainable.parameters():
         (decay if p.dim() > 1 else no_decay).append(p)
