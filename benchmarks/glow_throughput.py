@@ -23,7 +23,7 @@ anything is timed. Peak memory is not reported under ``--compile``: the compiler
 RSS would swamp the train step's.
 
 Each library runs in its own process, once per round, in a rotated order. Inside that process
-its train step (and its sampling call) alternates with the floor's two layouts, so the ratio
+its train step (and its sampling call) alternates with the floor's variants, so the ratio
 ``library time / floor time`` is measured side by side, immune to load swings between
 processes; the table reports medians over rounds of those ratios. The floor also runs alone in
 a process of its own for its memory and absolute throughput.
@@ -198,14 +198,14 @@ def run_model(variant: str, cfg, device, warmup: int, iters: int,
             "params": counts, "first_loss": loss0}
 
 
-def _faster_layout(timed: Dict[str, dict]) -> str:
+def _fastest_floor(timed: Dict[str, dict]) -> str:
     """The fastest floor variant among those timed."""
     return min((name for name in timed if name != "model"), key=lambda name: timed[name]["s"])
 
 
 def _against_floor(phase: str, timed: Dict[str, dict]) -> Dict[str, object]:
     """The ratio to the fastest floor variant, and to the eager contiguous one."""
-    best = _faster_layout(timed)
+    best = _fastest_floor(timed)
     return {f"{phase}_ratio": timed[best]["ratio"], f"floor_{phase}_s": timed[best]["s"],
             f"floor_{phase}_layout": best,
             f"{phase}_ratio_contiguous": timed["contiguous"]["ratio"]}
@@ -224,7 +224,7 @@ def run_floor(cfg, device, warmup: int, iters: int, compile_: bool = False) -> D
         "params": {"stored": n_params, "effective": n_params, "coupling_nets": n_params},
     }
     for phase, timed in (("train", train), ("sample", sampling)):
-        best = _faster_layout(timed)
+        best = _fastest_floor(timed)
         out.update({f"{phase}_s": timed[best]["s"], f"{phase}_ratio": 1.0,
                     f"floor_{phase}_layout": best,
                     f"{phase}_ratio_contiguous": timed[best]["s"] / timed["contiguous"]["s"]})

@@ -42,6 +42,10 @@ __all__ = ["Bijector", "EventShape", "as_event_shape", "sum_except_batch"]
 _finite_hook: Optional[Callable[["Bijector", str, Tensor, Tensor, Tensor], None]] = None
 
 
+# torch.compiler.is_compiling from torch 2.3 on, torch._dynamo's before.
+_dynamo_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
+
 def is_compiling() -> bool:
     """Whether ``torch.compile`` (Dynamo) is tracing the current call.
 
@@ -50,11 +54,7 @@ def is_compiling() -> bool:
     compiled code runs slower than eager through them. While tracing, layers take their plain
     tensor path instead, which Dynamo traces as one graph and Inductor fuses.
     """
-    compiler = getattr(torch, "compiler", None)
-    check = getattr(compiler, "is_compiling", None)
-    if check is None:  # torch < 2.3
-        check = getattr(getattr(torch, "_dynamo", None), "is_compiling", None)
-    return bool(check()) if check is not None else False
+    return bool(_dynamo_is_compiling())
 
 
 def calls_are_observed(*modules: nn.Module) -> bool:
