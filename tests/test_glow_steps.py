@@ -791,8 +791,8 @@ def _traced_graphs(fn, *args) -> Tuple[int, List[str]]:
 
 def test_torch_compile_traces_one_graph_and_matches_the_fused_eager_path(calls):
     """While torch.compile traces, the runs step aside: the fused Functions' ``out=`` views and
-    the eval cache's storage-address keys each split Dynamo's graph (18 pieces for a small
-    Glow, and a compiled train step slower than eager). log_prob in training mode and decode in
+    the eval cache's storage-address keys each split Dynamo's graph (19 graphs for the
+    benchmark's 1×8×8 Glow, and a compiled train step slower than eager). log_prob in training mode and decode in
     eval mode must trace as one graph, and give what the fused eager path gives, including
     after a parameter changes in place between compiled calls."""
     model = composer.glow(SHAPE, levels=2, depth=2, hidden=8, seed=0)

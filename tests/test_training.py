@@ -342,8 +342,8 @@ def test_dropout_and_multiscale_architectures_build(tmp_path, small_digits):
 
 def test_compiled_training_matches_eager_and_resumes_eagerly(tmp_path, small_digits, monkeypatch):
     """``compile=True`` trains the same model as eager (float32 round-off apart): the losses
-    and the final weights agree. A run may resume with the option
-    switched, and the checkpoints hold the plain modules' state."""
+    and the final weights agree. A run may resume with the option switched, and the
+    checkpoints hold the plain modules' state."""
     changes = dict(dequantization="uniform", ema_decay=0.0, grad_clip=0.0)
     # Inductor draws its own random numbers unless told otherwise: the dequantization noise,
     # hence ActNorm's data init, would differ from the eager run's.
