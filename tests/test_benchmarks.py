@@ -92,3 +92,12 @@ def test_memory_depth_quick_prints_table():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _table_rows(proc.stdout)
     assert [row.split("|")[1].strip() for row in rows[1:]] == ["flowplugins", "flowplugins-ms"]
+
+
+def test_train_step_quick_times_every_variant_against_torch_defaults():
+    proc = _run("train_step.py", "--json", "--rounds", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)["summary"]
+    assert list(summary) == ["torch defaults", "+ fused AdamW", "+ foreach EMA", "flowplugins"]
+    assert summary["torch defaults"]["speedup"] == pytest.approx(1.0)
+    assert all(v["ms"] > 0 and v["speedup"] > 0 for v in summary.values())

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import flowplugins.nets as nets_module
-from flowplugins.nets import CouplingNet, build_net, check_context
+from flowplugins.nets import CouplingNet, Dropout, build_net, check_context
 from helpers import perturb
 
 
@@ -166,3 +166,34 @@ def test_channels_last_must_be_a_bool_or_none(bad):
 def test_docstring_examples_run():
     result = doctest.testmod(nets_module)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ------------------------------------------------------------------------------ dropout
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_dropout_keeps_each_entry_with_probability_one_minus_p_and_rescales(p):
+    torch.manual_seed(0)
+    drop = Dropout(p)
+    x = torch.rand(64, 16, 8, 8) + 0.5  # no zeros in the input
+    x.requires_grad_(True)
+    y = drop(x)
+    kept = y != 0
+    # 65536 Bernoulli draws: the kept fraction is within 5 standard deviations of 1 - p
+    sd = (p * (1 - p) / kept.numel()) ** 0.5
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * sd
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.to(x.dtype) / (1 - p))
+    assert not torch.equal(drop(x), y)  # a new mask per call
+    drop.eval()
+    assert torch.equal(drop(x), x)
+
+
+def test_dropout_edge_cases_behave_as_torch_dropout():
+    x = torch.randn(4, 3, 2, 2)
+    assert torch.equal(Dropout(0.0)(x), x)
+    assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x))
+    torch.manual_seed(3)
+    expected = torch.nn.Dropout(0.3, inplace=True)(x.clone())
+    torch.manual_seed(3)
+    assert torch.equal(Dropout(0.3, inplace=True)(x.clone()), expected)
+    assert isinstance(CouplingNet(2, 4, 8, dropout=0.1).drop, Dropout)
