@@ -215,6 +215,33 @@ def test_build_adamw_is_fused_where_torch_has_it_and_falls_back(monkeypatch):
     opt.step()  # the fallback optimizer works
 
 
+def test_fused_adamw_steps_never_meet_a_stale_eval_cache(small_digits):
+    """A fused optimizer step does not bump parameters' version counters, which the eval-mode
+    caches of W, W⁻¹ and the fused runs key on; the mode switch that training needs clears them."""
+    import copy
+
+    torch.manual_seed(0)
+    model = build_model(TINY_MODEL, small_digits.describe())
+    x = small_digits.train.images[:16].float().add(0.5).div(small_digits.n_levels)
+    model(x)  # ActNorm's data init
+    opt = build_adamw([{"params": list(model.parameters())}], lr=0.05)
+    for _ in range(2):
+        model.eval()
+        with torch.no_grad():
+            model.log_prob(x)  # fills the caches
+            model.sample(2)
+        model.train()
+        opt.zero_grad()
+        (-model.log_prob(x).mean()).backward()
+        opt.step()
+        model.eval()
+        twin = copy.deepcopy(model)
+        twin.train()
+        twin.eval()  # a fresh model with the same weights builds everything anew
+        with torch.no_grad():
+            torch.testing.assert_close(model.log_prob(x), twin.log_prob(x), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------ training
 def test_train_writes_outputs_and_resumes(tmp_path, small_digits):
     log = Log()
