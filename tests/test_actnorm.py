@@ -269,3 +269,30 @@ def test_cuda(dtype):
     torch.testing.assert_close(z.mean(dim=(0, 2, 3)), torch.zeros(3, device="cuda", dtype=dtype), atol=1e-5, rtol=0)
     x_back, _ = layer.inverse(z)
     torch.testing.assert_close(x_back, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("restored", [False, True], ids=["fresh", "restored"])
+def test_traced_initialisation_matches_eager_and_keeps_restored_parameters(restored):
+    """Under torch.compile ActNorm initialises inside the graph: the same parameters as the
+    eager two-pass init for a fresh layer, and none changed for a layer loaded from a state
+    dict (its Python flag is false, its buffer true)."""
+    x = 3 + 2 * torch.randn(16, 4, 5, 5, generator=torch.Generator().manual_seed(0))
+    eager = ActNorm((4, 5, 5))
+    eager(x)
+    layer = ActNorm((4, 5, 5))
+    if restored:
+        source = ActNorm((4, 5, 5))
+        source(x + 1)
+        layer.load_state_dict(source.state_dict())
+        eager = source
+    assert not layer._known_initialized
+    torch._dynamo.reset()
+    z, ld = torch.compile(layer, backend="eager")(x)
+    assert layer._known_initialized and bool(layer.initialized)
+    torch.testing.assert_close(layer.shift, eager.shift, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.log_scale, eager.log_scale, rtol=1e-6, atol=1e-6)
+    if restored:
+        assert torch.equal(layer.shift, source.shift) and torch.equal(layer.log_scale, source.log_scale)
+    expected_z, expected_ld = eager(x)
+    torch.testing.assert_close(z, expected_z, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ld, expected_ld, rtol=1e-6, atol=1e-6)

@@ -11,6 +11,7 @@ import torch
 
 from flowplugins import Bijector
 from flowplugins.backends.nflows import NflowsTransform
+from flowplugins.bijectors.actnorm import ActNorm
 from flowplugins.composer import glow, multiscale, realnvp
 from flowplugins.models import MultiscaleFlow
 from flowplugins.models.pyro import MultiscaleFlowDistribution
@@ -351,19 +352,26 @@ def test_pyro_support_follows_the_preprocessing():
         strict.log_prob(x + 2)
 
 
-def test_torch_compile_before_actnorm_init_initialises_eagerly_and_traces_whole():
-    """Compiling an uninitialised Glow: ActNorm's data-dependent init runs as one eager pass
-    outside the graph (the same values as eager init), and the graph traced after it holds
-    every coupling net's convolutions, instead of pieces split at each ActNorm and cached."""
+def test_torch_compile_before_actnorm_init_initialises_in_graph_and_then_runs_one_graph():
+    """Compiling an uninitialised Glow: ActNorm's data-dependent init runs inside the traced
+    graph (the same values as eager init), and every call after it runs exactly one graph
+    holding every coupling net's convolutions. An eager init pass behind a graph break left the
+    callers' frames split for good: three graphs per call, and a slower step."""
     torch.manual_seed(0)
     model = glow(SHAPE, seed=0, **TINY)
     reference = glow(SHAPE, seed=0, **TINY)
     x = _images(8)
-    graphs = []
+    graphs, runs = [], []
 
     def backend(gm, example_inputs):
         graphs.append(gm)
-        return gm.forward
+        index = len(graphs) - 1
+
+        def run(*args):
+            runs.append(index)
+            return gm.forward(*args)
+
+        return run
 
     def convolutions(gm) -> int:
         return sum(
@@ -374,11 +382,35 @@ def test_torch_compile_before_actnorm_init_initialises_eagerly_and_traces_whole(
 
     torch._dynamo.reset()
     loss = torch.compile(lambda batch: -model.log_prob(batch).mean(), backend=backend)
-    for _ in range(3):
-        actual = loss(x)
+    first = loss(x)
     expected = -reference.log_prob(x).mean()  # eager: initialises on this batch
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=name)
+    assert all(bool(m.initialized) and m._known_initialized
+               for m in model.modules() if isinstance(m, ActNorm))
+    loss(x)  # recompiles once: the graph of the initialised model
+    del runs[:]
+    for _ in range(2):
+        actual = loss(x)
+    assert len(runs) == 2 and runs[0] == runs[1], f"graphs run per call: {runs}"
+    torch.testing.assert_close(actual, -reference.log_prob(x).mean(), rtol=1e-5, atol=1e-5)
     nets = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    assert max(convolutions(gm) for gm in graphs) == nets
+    assert convolutions(graphs[runs[0]]) == nets
+
+
+def test_torch_compile_of_a_restored_glow_keeps_its_actnorm_parameters():
+    """A state-dict load leaves ActNorm's Python flag false and its buffer true; the traced
+    in-graph initialisation then keeps the restored parameters (eager checks the buffer)."""
+    trained = glow(SHAPE, seed=0, **TINY)
+    x = _images(8)
+    trained.log_prob(x)  # initialises
+    perturb_parameters(trained, generator=torch.Generator().manual_seed(1))
+    restored = glow(SHAPE, seed=2, **TINY)
+    restored.load_state_dict(trained.state_dict())
+    assert not any(m._known_initialized for m in restored.modules() if isinstance(m, ActNorm))
+    torch._dynamo.reset()
+    loss = torch.compile(lambda batch: -restored.log_prob(batch).mean(), backend="eager")
+    torch.testing.assert_close(loss(2 * x), -trained.log_prob(2 * x).mean(), rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(restored.named_parameters(), trained.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)

@@ -8,6 +8,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .. import base as _base
 from ..base import Bijector
 
 __all__ = ["ActNorm", "channel_sums", "channel_moments_from_sums"]
@@ -143,6 +144,20 @@ class ActNorm(Bijector):
             self._known_initialized = bool(self.initialized)
         return self._known_initialized
 
+    def awaits_initialization(self) -> bool:
+        """Whether the next training-mode ``forward`` may initialise this layer.
+
+        Eager calls read the ``initialized`` buffer once (after that, its Python mirror). While
+        ``torch.compile`` traces, reading the buffer would be a data-dependent branch, so only
+        the Python flag counts: a traced pass over a layer whose flag is false runs the
+        in-graph initialisation, which keeps the parameters of an already initialised layer.
+        """
+        if not self.training:
+            return False
+        if _base.is_compiling():
+            return not self._known_initialized
+        return not self._is_initialized()
+
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
         """Set ``shift`` and ``log_scale`` from the batch ``x`` of shape ``(N, C, H, W)``.
@@ -163,12 +178,38 @@ class ActNorm(Bijector):
             # the distributed path needs sums, which float64 keeps accurate.
             xc = x.detach().to(torch.float64) - mean.view(1, -1, 1, 1)
             var = xc.pow(2).mean(dim=(0, 2, 3))
-        std = var.sqrt()
+        shift, log_scale = self._initial_parameters(mean, var)
+        self.shift.copy_(shift)
+        self.log_scale.copy_(log_scale)
+        self.initialized.fill_(True)
+        self._known_initialized = True
+
+    def _initial_parameters(self, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
+        """``shift = −mean`` and ``log_scale = log(scale / (std + eps))`` in the parameters'
+        dtype and shape ``(C, 1, 1)``, from float64 per-channel moments ``(C,)``."""
         dtype = self.log_scale.dtype
-        self.shift.copy_((-mean).to(dtype).view_as(self.shift))
-        self.log_scale.copy_(
-            torch.log(self.scale / (std + self.eps)).to(dtype).view_as(self.log_scale)
-        )
+        std = var.sqrt()
+        shift = (-mean).to(dtype).view_as(self.shift)
+        log_scale = torch.log(self.scale / (std + self.eps)).to(dtype).view_as(self.log_scale)
+        return shift, log_scale
+
+    @torch.no_grad()
+    def _initialize_in_graph(self, x: Tensor) -> None:
+        """:meth:`initialize` without data-dependent branches, for a pass that ``torch.compile``
+        traces in one process: the same float64 two-pass moments, written with
+        ``torch.where(initialized, current, initial)`` so that a layer restored from a state dict
+        (buffer true, Python flag false) keeps its parameters. The Python flag is set as a
+        traced side effect; Dynamo guards on it, so the next call compiles the initialised
+        model's graph, whole. An empty batch initialises nothing."""
+        if x.numel() == 0:
+            return
+        x64 = x.detach().to(torch.float64)
+        mean = x64.mean(dim=(0, 2, 3))
+        var = (x64 - mean.view(1, -1, 1, 1)).pow(2).mean(dim=(0, 2, 3))
+        shift, log_scale = self._initial_parameters(mean, var)
+        done = self.initialized
+        self.shift.copy_(torch.where(done, self.shift, shift))
+        self.log_scale.copy_(torch.where(done, self.log_scale, log_scale))
         self.initialized.fill_(True)
         self._known_initialized = True
 
@@ -179,8 +220,11 @@ class ActNorm(Bijector):
         return (self.log_scale.sum() * (sign * h * w)).expand(n)
 
     def _forward(self, x: Tensor, context: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        if self.training and not self._is_initialized():
-            self.initialize(x)
+        if self.awaits_initialization():
+            if _base.is_compiling() and not _distributed_active():
+                self._initialize_in_graph(x)
+            else:
+                self.initialize(x)
         # Not fused as x·s + shift·s: that loses the exact cancellation x + shift = 0 of a
         # constant channel, whose scale can be 1/eps.
         z = (x + self.shift) * self.log_scale.exp()

@@ -28,7 +28,12 @@ def _scale_floor(dtype: torch.dtype) -> float:
     return floor
 
 
-_SCALE_FLOORS: dict = {}
+# Filled at import for the usual dtypes: a first fill while torch.compile traces is a mutated
+# global that Dynamo guards on, and the next call would recompile the whole model.
+_SCALE_FLOORS: dict = {
+    dtype: 0.9 * math.log(torch.finfo(dtype).tiny)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
 
 
 class ChannelCoupling(Bijector):

@@ -132,7 +132,7 @@ class GlowStepRun:
             return False
         if modules is not None and any(modules.get(k) is not m for k, m in self._members):
             return False
-        if any(an.training and not an._is_initialized() for an in self.actnorms):
+        if any(an.awaits_initialization() for an in self.actnorms):
             return False
         return not _base.calls_are_observed(*(m for _, m in self._members))
 
