@@ -386,3 +386,21 @@ def test_cuda(cls, dtype):
         x_cpu = layer.inverse(layer(x.cpu())[0])[0]
     torch.testing.assert_close(x_back, x, **tol)
     torch.testing.assert_close(x_cpu, x.cpu(), **tol)
+
+
+def test_a_subclass_that_overrides_a_builder_is_not_served_the_parents_cached_inverse():
+    """Registered derivations are the exact class's: under torch.compile a subclass's own
+    ``_build_inverse_weight`` is what its eval-mode inverse uses."""
+
+    class Scaled(LUInvertibleConv1x1):
+        def _build_inverse_weight(self):
+            return 0.5 * super()._build_inverse_weight()
+
+    layer = Scaled((4, 2, 2), seed=0).eval()
+    z = torch.randn(3, 4, 2, 2)
+    with torch.no_grad():
+        expected, _ = layer.inverse(z)
+        torch._dynamo.reset()
+        actual, _ = torch.compile(layer.inverse, backend="eager")(z)
+    torch.testing.assert_close(actual, expected)
+    assert Scaled._derivations == {} and LUInvertibleConv1x1._derivations

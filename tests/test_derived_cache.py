@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import doctest
+import pickle
 
+import pytest
 import torch
 
 from flowplugins import derived_cache as derived_cache_module
-from flowplugins.derived_cache import DerivedTensorCache
+from flowplugins.derived_cache import DerivedTensorCache, derive_all, register_derivation
 
 
 def test_doctests():
@@ -59,9 +62,9 @@ def test_values_built_in_inference_mode_can_be_saved_for_backward():
     assert x.grad is not None
 
 
-def test_nothing_is_cached_while_torch_compile_traces():
-    """Dynamo cannot trace the key (storage addresses): under torch.compile the value is built
-    in the graph each call, and a source changed in place between calls is seen."""
+def test_unregistered_values_are_built_in_the_graph_while_torch_compile_traces():
+    """Dynamo cannot trace the key (storage addresses): ``get`` under torch.compile builds the
+    value in the graph each call, and a source changed in place between calls is seen."""
     w = torch.eye(2) * 2.0
     cache = DerivedTensorCache()
 
@@ -74,3 +77,86 @@ def test_nothing_is_cached_while_torch_compile_traces():
     w.mul_(2.0)
     torch.testing.assert_close(compiled(w), torch.eye(2) * 0.25 + 1.0)
     assert len(cache) == 0
+
+
+_BUILDS = {"n": 0}
+
+
+def _counted_inverse(weight):
+    _BUILDS["n"] += 1
+    return torch.linalg.inv(weight)
+
+
+register_derivation("tests.counted_inverse", _counted_inverse)
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_registered_derivations_stay_cached_inside_compiled_graphs(backend):
+    """``derive`` under torch.compile is one call of ``flowplugins::derived_tensors``, which
+    checks the key each time the graph runs: built once while the source stays, rebuilt (and
+    right) after an in-place change, with the graph unchanged (no recompilation)."""
+    if derived_cache_module._DERIVED_TENSORS_OP is None:
+        pytest.skip("this torch cannot register the operator's fake version")
+    torch._dynamo.reset()
+    w = torch.eye(3) * 2.0
+    cache = DerivedTensorCache()
+
+    def inverse_plus_one(x):
+        return cache.derive("tests.counted_inverse", [w]) @ x + 1.0
+
+    compiled = torch.compile(inverse_plus_one, backend=backend)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(compiled(x), 0.5 * x + 1.0)  # tracing builds on fake tensors
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    _BUILDS["n"] = 0
+    for _ in range(3):
+        torch.testing.assert_close(compiled(x), 0.5 * x + 1.0)
+    assert _BUILDS["n"] == 0 and len(cache) == 1  # built once, by the first call
+    with torch.no_grad():
+        w.mul_(2.0)
+    torch.testing.assert_close(compiled(x), 0.25 * x + 1.0)
+    assert _BUILDS["n"] == 1
+    torch.testing.assert_close(compiled(x), 0.25 * x + 1.0)
+    assert _BUILDS["n"] == 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_a_cached_value_is_handed_out_of_a_compiled_graph_as_a_copy():
+    """Inductor may write later results into an external kernel's output buffer: the cache
+    keeps its own tensor."""
+    if derived_cache_module._DERIVED_TENSORS_OP is None:
+        pytest.skip("this torch cannot register the operator's fake version")
+    w = torch.eye(2) * 4.0
+    cache = DerivedTensorCache()
+    compiled = torch.compile(lambda: cache.derive("tests.counted_inverse", [w]).mul_(3.0),
+                             backend="inductor")
+    compiled()
+    compiled()
+    torch.testing.assert_close(cache.derive("tests.counted_inverse", [w]), torch.eye(2) * 0.25)
+
+
+def test_copies_and_unpickled_caches_start_empty_under_their_own_id():
+    w = torch.eye(2)
+    cache = DerivedTensorCache()
+    cache.derive("tests.counted_inverse", [w])
+    for other in (copy.deepcopy(cache), copy.copy(cache), pickle.loads(pickle.dumps(cache))):
+        assert len(other) == 0 and other._id != cache._id
+        assert derived_cache_module._LIVE_CACHES[other._id] is other
+
+
+def test_register_derivation_refuses_a_second_function_under_a_taken_name():
+    register_derivation("tests.counted_inverse", _counted_inverse)  # the same one: fine
+    with pytest.raises(ValueError, match="tests.counted_inverse"):
+        register_derivation("tests.counted_inverse", torch.linalg.inv)
+
+
+def test_derive_all_matches_derive_one_by_one_and_under_compile():
+    a, b = torch.eye(2) * 2.0, torch.eye(3) * 5.0
+    ca, cb = DerivedTensorCache(), DerivedTensorCache()
+    requests = [(ca, "tests.counted_inverse", [a]), (cb, "tests.counted_inverse", [b])]
+    eager = derive_all(requests)
+    compiled = torch.compile(lambda: derive_all(requests), backend="eager")()
+    for e, c, expected in zip(eager, compiled, (torch.eye(2) * 0.5, torch.eye(3) * 0.2)):
+        torch.testing.assert_close(e, expected)
+        torch.testing.assert_close(c, expected)
+    assert derive_all([]) == []

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from .. import base as _base
 from ..base import Bijector
-from ..derived_cache import DerivedTensorCache
+from ..derived_cache import DerivedTensorCache, register_derivation
 
 __all__ = ["InvertibleConv1x1", "LUInvertibleConv1x1", "random_rotation"]
 
@@ -62,6 +63,36 @@ def apply_channel_matrix(weight: Tensor, x: Tensor, bias: Optional[Tensor] = Non
     return out.view(n, c_out, h, w)
 
 
+def _lu_factors(lower: Tensor, upper: Tensor, log_abs_s: Tensor, permutation: Tensor, sign: Tensor,
+                eye: Tensor, strict_lower: Tensor, strict_upper: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``P``, unit lower ``L`` and ``U + diag(sign·exp(log_abs_s))`` of an LU 1x1 convolution."""
+    # Dense P (rows of the identity) from the buffer on every build, so that a loaded
+    # ``permutation`` is always honoured; a matmul by a constant has a cheaper backward than
+    # the row gather (whose backward scatters into zeros).
+    unit_lower = torch.addcmul(eye, lower, strict_lower)
+    full_upper = torch.addcmul(torch.diag(sign * log_abs_s.exp()), upper, strict_upper)
+    return eye[permutation], unit_lower, full_upper
+
+
+def _lu_weight(*sources: Tensor) -> Tensor:
+    """``W = P L U`` from the sources of :func:`_lu_factors`."""
+    perm, lower, upper = _lu_factors(*sources)
+    return perm @ (lower @ upper)
+
+
+def _lu_inverse_weight(*sources: Tensor) -> Tensor:
+    """``W⁻¹ = U⁻¹ L⁻¹ Pᵀ`` from the sources of :func:`_lu_factors`."""
+    perm, lower, upper = _lu_factors(*sources)
+    # Triangular solves instead of a general inverse: exact structure, better conditioning.
+    y = torch.linalg.solve_triangular(lower, perm.T, upper=False, unitriangular=True)
+    return torch.linalg.solve_triangular(upper, y, upper=True)
+
+
+register_derivation("flowplugins.LUInvertibleConv1x1.inverse", _lu_inverse_weight)
+register_derivation("flowplugins.InvertibleConv1x1.inverse", torch.linalg.inv)
+register_derivation("flowplugins.InvertibleConv1x1.logabsdet", lambda weight: torch.linalg.slogdet(weight)[1])
+
+
 class _CachedConv1x1(Bijector):
     """Shared machinery: apply ``W`` as a 1x1 convolution (a batched matmul) and cache derived matrices.
 
@@ -95,10 +126,30 @@ class _CachedConv1x1(Bijector):
         self.clear_cache()
         return super().train(mode)
 
+    # Names of registered pure functions of ``_derivation_sources()`` for "weight", "inverse"
+    # and "logabsdet". With them, compiled eval-mode graphs use the cache too
+    # (DerivedTensorCache.derive). Never inherited (see __init_subclass__): a subclass may
+    # override a builder.
+    _derivations: Dict[str, str] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_derivations" not in cls.__dict__:
+            cls._derivations = {}
+
+    def _derivation_sources(self) -> Tuple[Tensor, ...]:
+        """The tensors the derived values are built from, in the order the derivations take."""
+        return (*self.parameters(), *self.buffers())
+
     def _get(self, name: str, build: Callable[[], Tensor]) -> Tensor:
-        if self._use_cache():
-            return self._derived.get(name, build, (*self.parameters(), *self.buffers()))
-        return build()
+        if not self._use_cache():
+            return build()
+        sources = self._derivation_sources()
+        if _base.is_compiling():
+            derivation = self._derivations.get(name)
+            if derivation is not None:
+                return self._derived.derive(derivation, sources)
+        return self._derived.get(name, build, sources)
 
     # Subclasses provide these three builders.
     def _build_weight(self) -> Tensor:
@@ -206,29 +257,27 @@ class LUInvertibleConv1x1(_CachedConv1x1):
         self.register_buffer("_strict_lower", torch.ones(c, c, dtype=dtype).tril(-1), persistent=False)
         self.register_buffer("_strict_upper", torch.ones(c, c, dtype=dtype).triu(1), persistent=False)
 
+    _derivations = {
+        # W and log|det W| cost less in the graph than a call out of it.
+        "inverse": "flowplugins.LUInvertibleConv1x1.inverse",
+    }
+
+    def _derivation_sources(self) -> Tuple[Tensor, ...]:
+        return (self.lower, self.upper, self.log_abs_s, self.permutation, self.sign, self._eye,
+                self._strict_lower, self._strict_upper)
+
     def _permutation_matrix(self) -> Tensor:
-        # Dense P (rows of the identity) from the buffer on every build, so that a loaded
-        # ``permutation`` is always honoured; a matmul by a constant has a cheaper backward
-        # than the row gather (whose backward scatters into zeros).
         return self._eye[self.permutation]
 
     def _factors(self) -> Tuple[Tensor, Tensor]:
-        lower = torch.addcmul(self._eye, self.lower, self._strict_lower)
-        diag = torch.diag(self.sign * self.log_abs_s.exp())
-        upper = torch.addcmul(diag, self.upper, self._strict_upper)
+        _, lower, upper = _lu_factors(*self._derivation_sources())
         return lower, upper
 
     def _build_weight(self) -> Tensor:
-        lower, upper = self._factors()
-        return self._permutation_matrix() @ (lower @ upper)
+        return _lu_weight(*self._derivation_sources())
 
     def _build_inverse_weight(self) -> Tensor:
-        lower, upper = self._factors()
-        # Triangular solves instead of a general inverse: exact structure, better conditioning.
-        y = torch.linalg.solve_triangular(
-            lower, self._permutation_matrix().T, upper=False, unitriangular=True
-        )
-        return torch.linalg.solve_triangular(upper, y, upper=True)
+        return _lu_inverse_weight(*self._derivation_sources())
 
     def _build_logabsdet(self) -> Tensor:
         return self.log_abs_s.sum()
@@ -280,6 +329,14 @@ class InvertibleConv1x1(_CachedConv1x1):
         _check_seed("InvertibleConv1x1", seed)
         self.seed = seed
         self.weight = nn.Parameter(random_rotation(self.event_shape[0], seed))
+
+    _derivations = {
+        "inverse": "flowplugins.InvertibleConv1x1.inverse",
+        "logabsdet": "flowplugins.InvertibleConv1x1.logabsdet",
+    }
+
+    def _derivation_sources(self) -> Tuple[Tensor, ...]:
+        return (self.weight,)
 
     def _build_weight(self) -> Tensor:
         return self.weight

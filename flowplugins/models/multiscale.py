@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +12,8 @@ from .. import base as _base
 from ..base import Bijector, EventShape
 from ..bijectors.actnorm import ActNorm, _distributed_active
 from ..bijectors.conv1x1 import LUInvertibleConv1x1, apply_channel_matrix
+from ..derived_cache import derive_all
+from ..eager_random import standard_normal
 from .glow_steps import find_glow_step_runs
 
 __all__ = ["Center", "MultiscaleFlow"]
@@ -96,15 +98,18 @@ def _fused_actnorm_conv(actnorm: ActNorm, conv: LUInvertibleConv1x1, x: Tensor) 
 
 
 def _fused_conv_actnorm_inverse(
-    actnorm: ActNorm, conv: LUInvertibleConv1x1, z: Tensor
+    actnorm: ActNorm, conv: LUInvertibleConv1x1, z: Tensor, inverse_weight: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor]:
     """``actnorm.inverse(conv.inverse(z))`` as one batched matmul with a bias:
-    ``x = (diag(exp(-log_scale))·W⁻¹) z - shift``; the log-det is returned as a scalar."""
+    ``x = (diag(exp(-log_scale))·W⁻¹) z - shift``; the log-det is returned as a scalar.
+    ``inverse_weight`` is the conv's ``W⁻¹`` where the caller has it already."""
     conv.check_input(z, conv.event_shape, "inverse")
     actnorm.check_input(z, actnorm.event_shape, "inverse")
     _, h, w = conv.event_shape
     c = conv.event_shape[0]
-    weight = conv._get("inverse", conv._build_inverse_weight) * torch.exp(-actnorm.log_scale).view(c, 1)
+    if inverse_weight is None:
+        inverse_weight = conv._get("inverse", conv._build_inverse_weight)
+    weight = inverse_weight * torch.exp(-actnorm.log_scale).view(c, 1)
     x = apply_channel_matrix(weight, z, -actnorm.shift.view(c))
     ld = (actnorm.log_scale.sum() + conv._get("logabsdet", conv._build_logabsdet)) * (-(h * w))
     return x, ld
@@ -295,6 +300,7 @@ class MultiscaleFlow(nn.Module):
         # ActNorm → LU 1x1 conv pairs run as one matmul (see _fused_actnorm_conv); the
         # fusion only changes how the pair is computed, never the steps or the state dict.
         self._fusable = _fusable_pairs(steps)
+        self._fusable_ordered = tuple(sorted(self._fusable))
         # Runs of whole Glow steps (ActNorm → LU conv → coupling) go further: see glow_steps.
         self._glow_runs = find_glow_step_runs(steps, bounds)
         self._run_starting_at = {run.start: run for run in self._glow_runs}
@@ -420,6 +426,7 @@ class MultiscaleFlow(nn.Module):
         wants = self._wants_context
         splits = self._split_channels
         fusable = self._fusable
+        inverse_weights = self._compiled_inverse_weights() if _base.is_compiling() else {}
         h = parts[-1]
         j = len(parts) - 2
         per_sample: List[Tensor] = []
@@ -437,7 +444,7 @@ class MultiscaleFlow(nn.Module):
                     constant = ld if constant is None else constant + ld
                 i = run.start
             elif i - 1 in fusable and _can_fuse(steps[i - 1], steps[i]):
-                h, ld = _fused_conv_actnorm_inverse(steps[i - 1], steps[i], h)
+                h, ld = _fused_conv_actnorm_inverse(steps[i - 1], steps[i], h, inverse_weights.get(i))
                 constant = ld if constant is None else constant + ld
                 i -= 1  # the ActNorm ran too
             else:
@@ -449,6 +456,22 @@ class MultiscaleFlow(nn.Module):
         if not with_log_det:
             return h, None
         return h, _total_log_det(per_sample, constant, h.shape[0], h)
+
+    def _compiled_inverse_weights(self) -> Dict[int, Tensor]:
+        """While ``torch.compile`` traces a decode: ``W⁻¹`` of every fused pair's LU conv that
+        may use its eval-mode cache, by step index, from one operator call
+        (:func:`~flowplugins.derived_cache.derive_all`). Per conv, the calls out of the graph
+        cost more than the two triangular solves they save."""
+        steps = self.steps
+        convs = [
+            i + 1 for i in self._fusable_ordered
+            if _can_fuse(steps[i], steps[i + 1]) and steps[i + 1]._use_cache()
+        ]
+        values = derive_all([
+            (steps[j]._derived, steps[j]._derivations["inverse"], steps[j]._derivation_sources())
+            for j in convs
+        ])
+        return dict(zip(convs, values))
 
     def _split_latent(self, z_flat: Tensor) -> List[Tensor]:
         n = z_flat.shape[0]
@@ -570,7 +593,7 @@ class MultiscaleFlow(nn.Module):
         try:
             with torch.no_grad():
                 anchor = self._anchor
-                z = torch.randn(n, *self.event_shape, dtype=anchor.dtype, device=anchor.device)
+                z = standard_normal((n, *self.event_shape), anchor)
                 if temperature != 1.0:
                     z.mul_(temperature)
                 _, flat, ctx = self._flatten(z, context, "sample")
