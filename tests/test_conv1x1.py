@@ -404,3 +404,22 @@ def test_a_subclass_that_overrides_a_builder_is_not_served_the_parents_cached_in
         actual, _ = torch.compile(layer.inverse, backend="eager")(z)
     torch.testing.assert_close(actual, expected)
     assert Scaled._derivations == {} and LUInvertibleConv1x1._derivations
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_apply_channel_matrix_traced_without_autograd_matches_eager(grad):
+    """Traced without autograd the product runs pixel-major (a channels-last result); the
+    values, and with autograd the bmm path, match the eager ones."""
+    from flowplugins.bijectors.conv1x1 import apply_channel_matrix
+
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(5, 3, generator=g), torch.randn(5, generator=g)
+    x = torch.randn(4, 3, 2, 6, generator=g, requires_grad=grad)
+    torch._dynamo.reset()
+    compiled = torch.compile(apply_channel_matrix, backend="eager")
+    with torch.set_grad_enabled(grad):
+        for b in (None, bias):
+            expected = torch.einsum("oc,nchw->nohw", weight, x) + (0 if b is None else b.view(1, -1, 1, 1))
+            actual = compiled(weight, x, b)
+            assert actual.shape == (4, 5, 2, 6)
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
