@@ -4,7 +4,14 @@ Builds one multi-scale Glow (see ``benchmarks/_glow.py`` for the architecture) i
 checks that their coupling nets have the same parameter count, and measures in one run, on one
 device:
 
-* train step (forward, mean NLL, backward, Adam step), images/s;
+* train step (forward, mean NLL, backward, Adam step), images/s. By default a compiled
+  flowplugins step trains through ``flowplugins.training.FlatParameters``: after the data-dependent ActNorm
+  initialisation its parameters are gathered into one vector, which Adam updates (on CPU fused
+  Adam and autograd pay a fixed cost per tensor, and this Glow has 88-264 small ones). The peers
+  train their parameter tensors, as their users do: through FlatParameters their compiled steps
+  ran slower, and so does an eager flowplugins step, whose per-call parameter swap costs more
+  than Adam saves (``BENCHMARKS.md``).
+  ``--params flat`` / ``per-tensor`` sets one way for every library;
 * sampling (eval mode, temperature 1, no_grad), images/s;
 * peak memory of the training phase: CUDA peak allocated, or on CPU the child process's peak
   RSS minus its RSS after imports and data;
@@ -146,7 +153,7 @@ class _Floor:
 
 
 def run_model(variant: str, cfg, device, warmup: int, iters: int,
-              compile_: bool = False) -> Dict[str, object]:
+              compile_: bool = False, params: str = "auto") -> Dict[str, object]:
     """Memory of the train step first (nothing else allocated yet), then the model's train
     and sampling times, each alternated with the floor's in this same process."""
     import torch
@@ -163,11 +170,24 @@ def run_model(variant: str, cfg, device, warmup: int, iters: int,
         library = variant
     model = gut.module.to(device)
     counts = parameter_counts(model, lambda m: coupling_nets_of(library, m))
-    optimizer = make_adam([p for p in model.parameters() if p.requires_grad])
     model.train()
+    with torch.no_grad():
+        loss0 = float(gut.nll(x))  # every library's ActNorm initialises from this batch
     nll, draw = gut.nll, gut.sample
+    if params == "auto":
+        params = "flat" if library == "flowplugins" and compile_ else "per-tensor"
+    if params == "flat" and variant != "flowplugins-ms":
+        # Memory-saving backprop recomputes steps with their own parameters (FlatParameters
+        # refuses it), so that variant keeps one tensor per parameter.
+        from flowplugins.training import FlatParameters
+
+        flat = FlatParameters(model)
+        optimizer = make_adam([flat.vector])
+        nll = lambda x: flat.call(gut.nll, x)  # noqa: E731
+    else:
+        optimizer = make_adam([p for p in model.parameters() if p.requires_grad])
     if compile_:
-        nll, draw = torch.compile(gut.nll), torch.compile(gut.sample)
+        nll, draw = torch.compile(nll), torch.compile(draw)
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
@@ -176,7 +196,6 @@ def run_model(variant: str, cfg, device, warmup: int, iters: int,
         optimizer.step()
         return loss
 
-    loss0 = float(train_step().detach())  # ActNorm's data-dependent init happens here
     for _ in range(warmup):
         train_step()
     peak = None if compile_ else meter.peak_mib()
@@ -241,7 +260,7 @@ def child(args) -> None:
     if args.child == "floor":
         emit(run_floor(cfg, device, warmup, iters, args.compile))
     else:
-        emit(run_model(args.child, cfg, device, warmup, iters, args.compile))
+        emit(run_model(args.child, cfg, device, warmup, iters, args.compile, args.params))
 
 
 def summarize(per_round: List[Dict[str, dict]], variants: List[str], batch: int) -> Dict[str, dict]:
@@ -280,7 +299,8 @@ def parent(args) -> int:
         this_round = {}
         for v in rotate(["floor", *variants], r):
             child_args = ["--child", v, "--config", args.config, "--device", args.device,
-                          "--threads", str(args.threads), *(["--compile"] if args.compile else [])]
+                          "--threads", str(args.threads), "--params", args.params,
+                          *(["--compile"] if args.compile else [])]
             this_round[v] = run_child(script, child_args, args.threads)
             got = this_round[v]
             log(f"round {r + 1}/{args.rounds} {v}: train {got['train_s'] * 1e3:.1f} ms "
@@ -299,6 +319,8 @@ def parent(args) -> int:
                           "summary": summary, "rounds": per_round}, indent=2, default=str))
         return 0 if nets_match else 1
     compiled = "; torch.compile (models and floor)" if args.compile else ""
+    compiled += {"auto": "; Adam over one flat vector (compiled flowplugins) or per tensor",
+                 "flat": "; Adam over one flat vector", "per-tensor": "; Adam per tensor"}[args.params]
     print(f"Glow {cfg.describe()}; {args.device}, {args.threads} thread(s){compiled}; medians of "
           f"{args.rounds} round(s)\n")
     header = ["library", "params (stored)", "params (effective)", "coupling-net params",
@@ -325,6 +347,12 @@ def main(argv=None) -> int:
                         help=f"comma-separated, from {','.join(VARIANTS)} (default {DEFAULT_VARIANTS})")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every model's NLL and sampling call and the floor's nets")
+    parser.add_argument("--params", choices=("auto", "flat", "per-tensor"), default="auto",
+                        help="what Adam updates: 'flat', one vector holding every parameter "
+                             "(flowplugins.training.FlatParameters); 'per-tensor', each parameter "
+                             "tensor; 'auto' (default), flat for compiled flowplugins and "
+                             "per-tensor otherwise (the memory-saving variant is always "
+                             "per-tensor)")
     args = parser.parse_args(argv)
     if args.quick:
         args.config, args.rounds = "quick", min(args.rounds, 1)

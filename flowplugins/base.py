@@ -164,8 +164,10 @@ class Bijector(nn.Module):
     # ---------------------------------------------------------------- helpers
     def _reference_tensor(self) -> Optional[Tensor]:
         # Walking self.parameters() costs a generator over every submodule per call; remember
-        # where the first tensor lives instead, and re-walk only when that path no longer
-        # holds the same objects (a replaced submodule, parameter or buffer).
+        # the path to the first tensor instead, and re-walk only when that path holds nothing
+        # (a replaced submodule). Whatever tensor the path holds now is the one to read:
+        # torch.func.functional_call (FlatParameters) swaps in other tensors for a call, and
+        # remembering those would make every compiled call write module state.
         path = self.__dict__.get("_reference_path")
         if path is not None:
             module = self
@@ -177,7 +179,7 @@ class Bijector(nn.Module):
                 found = module._parameters.get(path[-1])
                 if found is None:
                     found = module._buffers.get(path[-1])
-                if found is not None and found is self.__dict__.get("_reference_cached"):
+                if found is not None:
                     return found
         ref, where = None, None
         for name, p in self.named_parameters():
@@ -189,7 +191,6 @@ class Bijector(nn.Module):
                     ref, where = b, name
                     break
         self.__dict__["_reference_path"] = None if where is None else tuple(where.split("."))
-        self.__dict__["_reference_cached"] = ref
         return ref
 
     def check_input(self, x: Tensor, expected: Sequence[int], direction: str) -> None:

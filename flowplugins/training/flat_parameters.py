@@ -1,0 +1,233 @@
+"""Every trainable parameter of a module in one contiguous vector per group.
+
+A Glow has many small parameter tensors (88 in the 1×8×8 L2 K4 benchmark model, 264 at
+3×32×32 L3 K8): two per ActNorm, three per LU 1x1 convolution, six per coupling net. On CPU
+each tensor costs the optimizer, autograd's gradient accumulation and ``torch.compile``'s
+graph inputs a fixed few microseconds, which at small image sizes adds up to a large share of
+a training step: fused Adam took 267 µs over the 88 tensors of the small Glow and 45 µs over
+one vector of the same 76,096 numbers (``BENCHMARKS.md``). :class:`FlatParameters` gives the
+optimizer and autograd that one vector.
+
+How it works. The parameters are copied into one vector (one per group) and each module
+parameter is replaced by a frozen ``nn.Parameter`` that *aliases* its slice of the vector: it
+shares the vector's storage and version counter, so the module always reads the current
+values (evaluation, sampling, ``state_dict``, ``load_state_dict`` all work unchanged and copy
+nothing) and any cache keyed on version counters sees the optimizer's updates. A call through
+:meth:`FlatParameters.call` substitutes differentiable views of the vector for the aliases
+(``torch.func.functional_call``), so the gradient of every parameter lands in ``vector.grad``
+through one graph input and one accumulation.
+
+Outside :meth:`~FlatParameters.call` the aliases do not require grad: a plain ``model(x)``
+uses the current weights as constants. A data-dependent initialisation (ActNorm) writes the
+parameters in place, so it must happen before training through :meth:`~FlatParameters.call`:
+one ordinary training-mode forward, e.g. under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..base import is_compiling
+
+__all__ = ["FlatParameters"]
+
+_IN_PLACE = (
+    "FlatParameters.call: the call wrote to the parameters in place (a data-dependent "
+    "initialisation such as ActNorm's first training batch?); run one ordinary training-mode "
+    "forward, e.g. under torch.no_grad(), before training through FlatParameters"
+)
+
+
+def _memory_order(size: Sequence[int], stride: Sequence[int]) -> Optional[List[int]]:
+    """Dimensions from outermost to innermost in memory, if ``(size, stride)`` is dense and
+    non-overlapping (contiguous, channels-last, any permutation of a contiguous block)."""
+    dims = sorted(range(len(size)), key=lambda d: (-stride[d], -size[d]))
+    expected = 1
+    for d in reversed(dims):
+        if size[d] != 1 and stride[d] != expected:
+            return None
+        expected *= size[d]
+    return dims
+
+
+def _shaped(segment: Tensor, size: Sequence[int], order: Sequence[int]) -> Tensor:
+    """``segment`` (1-D) seen as a tensor of ``size`` laid out in ``order`` — differentiable,
+    and a view, so that gradients and in-place updates reach the vector."""
+    if all(position == d for position, d in enumerate(order)):
+        return segment.view(size)
+    permuted = segment.view([size[d] for d in order])
+    inverse = [0] * len(order)
+    for position, d in enumerate(order):
+        inverse[d] = position
+    return permuted.permute(inverse)
+
+
+class _Caller(nn.Module):
+    """Lets ``torch.func.functional_call`` run any callable of ``module``, not only ``forward``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+
+class FlatParameters:
+    """The trainable parameters of ``module`` stored in one contiguous vector per group.
+
+    Args:
+        module: the model. Move it to its device and dtype first: ``.to()`` afterwards gives
+            the module new tensors that no longer alias the vectors.
+        groups: optional lists of parameters, one vector each (e.g. with and without weight
+            decay); together they must hold every trainable parameter of ``module`` exactly
+            once. Default: one group of all trainable parameters.
+
+    Attributes:
+        vectors: one ``nn.Parameter`` of shape ``(n_g,)`` per group: what the optimizer gets.
+        vector: the single vector when there is one group.
+
+    Raises:
+        ValueError: no trainable parameters; a module with memory-saving backprop; parameters of one group on different devices or
+            with different dtypes; groups that miss, repeat or add parameters.
+
+    Example:
+        >>> import torch
+        >>> from flowplugins.training import FlatParameters
+        >>> model = torch.nn.Linear(3, 2)
+        >>> flat = FlatParameters(model)
+        >>> flat.vector.shape
+        torch.Size([8])
+        >>> optimizer = torch.optim.SGD([flat.vector], lr=0.1)
+        >>> flat.call(model, torch.ones(4, 3)).sum().backward()
+        >>> optimizer.step()
+        >>> bool(torch.allclose(model.bias, flat.vector[6:]))
+        True
+    """
+
+    def __init__(self, module: nn.Module,
+                 groups: Optional[Sequence[Iterable[nn.Parameter]]] = None) -> None:
+        reversible = [name for name, m in module.named_modules() if getattr(m, "memory_saving", False)]
+        if reversible:
+            # Memory-saving backprop recomputes each step in the backward pass, after call()
+            # has put the frozen aliases back, so its parameter gradients would be lost.
+            raise ValueError(
+                f"FlatParameters: {type(module).__name__} uses memory-saving backprop "
+                f"({reversible[0] or 'the module itself'}), which recomputes steps with their own "
+                "parameters; train it with per-tensor parameters or build it with "
+                "memory_saving=False"
+            )
+        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("FlatParameters: the module has no parameters that require grad")
+        name_of = {id(p): name for name, p in named}
+        if groups is None:
+            group_lists = [[p for _, p in named]]
+        else:
+            group_lists = [list(g) for g in groups]
+            listed = [id(p) for g in group_lists for p in g]
+            unknown = [p for g in group_lists for p in g if id(p) not in name_of]
+            if unknown:
+                raise ValueError(
+                    f"FlatParameters: groups hold {len(unknown)} tensor(s) that are not trainable "
+                    f"parameters of the module (first of shape {tuple(unknown[0].shape)})"
+                )
+            if len(listed) != len(set(listed)):
+                raise ValueError("FlatParameters: a parameter appears in more than one group")
+            missing = [name for name, p in named if id(p) not in set(listed)]
+            if missing:
+                raise ValueError(
+                    f"FlatParameters: groups miss {len(missing)} trainable parameter(s): "
+                    f"{', '.join(missing[:5])}{', …' if len(missing) > 5 else ''}"
+                )
+        self.module = module
+        self._caller = _Caller(module)
+        self.vectors: List[nn.Parameter] = []
+        # name -> (group, index in the group, size, memory order), one per distinct parameter.
+        self._layout: Dict[str, Tuple[int, int, Tuple[int, ...], List[int]]] = {}
+        self._sizes: List[List[int]] = [[p.numel() for p in params] for params in group_lists]
+        aliases: Dict[int, nn.Parameter] = {}
+        for g, params in enumerate(group_lists):
+            if not params:
+                raise ValueError(f"FlatParameters: group {g} is empty")
+            first = params[0]
+            for p in params:
+                if p.device != first.device or p.dtype != first.dtype:
+                    raise ValueError(
+                        f"FlatParameters: group {g} mixes {first.dtype} on {first.device} "
+                        f"({name_of[id(first)]}) with {p.dtype} on {p.device} ({name_of[id(p)]}); "
+                        "put them in separate groups or move the module first"
+                    )
+            vector = torch.empty(sum(p.numel() for p in params), dtype=first.dtype,
+                                 device=first.device)
+            self.vectors.append(nn.Parameter(vector))
+            # detach() shares the vector's version counter: caches keyed on _version (the 1x1
+            # convolutions' W⁻¹) see every optimizer step through the aliases.
+            segments = self.vectors[g].detach().split(self._sizes[g])
+            for index, (p, segment) in enumerate(zip(params, segments)):
+                order = _memory_order(p.shape, p.stride())
+                if order is None:  # overlapping or gapped strides: store it contiguous
+                    order = list(range(p.dim()))
+                self._layout[name_of[id(p)]] = (g, index, tuple(p.shape), order)
+                alias = _shaped(segment, p.shape, order)
+                with torch.no_grad():
+                    alias.copy_(p)
+                aliases[id(p)] = nn.Parameter(alias, requires_grad=False)
+        # Every owner of a (possibly shared) parameter gets the same alias.
+        for owner in module.modules():
+            for key, p in list(owner._parameters.items()):
+                if p is not None and id(p) in aliases:
+                    owner._parameters[key] = aliases[id(p)]
+
+    @property
+    def vector(self) -> nn.Parameter:
+        if len(self.vectors) != 1:
+            raise AttributeError(
+                f"FlatParameters: there are {len(self.vectors)} vectors (one per group); "
+                "use .vectors"
+            )
+        return self.vectors[0]
+
+    def views(self) -> Dict[str, Tensor]:
+        """Differentiable views of the vectors, shaped like the parameters, keyed by name."""
+        # One split per vector, not a slice per parameter: a split's backward is one
+        # concatenation, while each slice's backward would write a zero-filled vector.
+        pieces = [vector.split(sizes) for vector, sizes in zip(self.vectors, self._sizes)]
+        return {
+            name: _shaped(pieces[g][index], size, order)
+            for name, (g, index, size, order) in self._layout.items()
+        }
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` (``fn`` is the module or one of its methods, e.g.
+        ``model.log_prob``) with the module's parameters read from the vectors, so that
+        backpropagating through the result fills ``vector.grad``. Works under
+        ``torch.compile``."""
+        views = {"module." + name: view for name, view in self.views().items()}
+        if is_compiling():
+            return torch.func.functional_call(self._caller, views, (fn, *args), kwargs)
+        before = [vector._version for vector in self.vectors]
+        try:
+            result = torch.func.functional_call(self._caller, views, (fn, *args), kwargs)
+        except RuntimeError as error:
+            # Autograd refuses in-place writes to the split's views with a message about views
+            # that does not say which call did it or what to do.
+            if "inplace" not in str(error):
+                raise
+            raise RuntimeError(_IN_PLACE) from error
+        if any(vector._version != b for vector, b in zip(self.vectors, before)):
+            # Otherwise autograd would only fail later, in backward, on a saved view.
+            raise RuntimeError(_IN_PLACE)
+        return result
+
+    def zero_grad(self) -> None:
+        """Drop the vectors' gradients (what ``optimizer.zero_grad(set_to_none=True)`` does)."""
+        for vector in self.vectors:
+            vector.grad = None
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(str(v.numel()) for v in self.vectors)
+        return f"FlatParameters({len(self._layout)} parameters in vector(s) of {sizes})"
