@@ -126,16 +126,22 @@ def time_calls(fn: Callable[[], object], device, warmup: int, iters: int) -> flo
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], device, warmup: int,
-                     iters: int) -> Dict[str, dict]:
-    """Time several calls in turn, one of each per iteration (the first one first).
+                     iters: int, block: int = 1) -> Dict[str, dict]:
+    """Time several calls in turn, ``block`` consecutive calls of each per iteration (the first
+    one first).
 
-    Returns, per name, the median call time ``s`` and ``ratio``: the median over iterations of
-    the first call's time divided by this one's (so the first call's own ratio is 1). Calls
+    Returns, per name, the median per-call time ``s`` and ``ratio``: the median over iterations
+    of the first call's time divided by this one's (so the first call's own ratio is 1). Calls
     interleaved inside one process see the same load, which on a shared machine shifts whole
-    processes' timings by ±20-50%, so their ratios are far steadier than their times.
+    processes' timings by ±20-50%, so their ratios are far steadier than their times. With
+    ``block`` 1 every timed call follows the other workloads' calls and starts with their data
+    in the caches; a larger ``block`` times calls that follow themselves, as consecutive steps
+    of a training loop do.
     """
     import torch
 
+    if block < 1:
+        raise ValueError(f"time_interleaved: block must be at least 1; got {block}")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
     for _ in range(warmup):
         for fn in fns.values():
@@ -145,9 +151,10 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device, warmup: int,
     for _ in range(iters):
         for name, fn in fns.items():
             t0 = time.perf_counter()
-            fn()
+            for _ in range(block):
+                fn()
             sync()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append((time.perf_counter() - t0) / block)
     first = times[next(iter(fns))]
     return {
         name: {"s": statistics.median(ts), "ratio": statistics.median(a / b for a, b in zip(first, ts))}

@@ -153,7 +153,7 @@ class _Floor:
 
 
 def run_model(variant: str, cfg, device, warmup: int, iters: int,
-              compile_: bool = False, params: str = "auto") -> Dict[str, object]:
+              compile_: bool = False, params: str = "auto", block: int = 1) -> Dict[str, object]:
     """Memory of the train step first (nothing else allocated yet), then the model's train
     and sampling times, each alternated with the floor's in this same process."""
     import torch
@@ -201,7 +201,8 @@ def run_model(variant: str, cfg, device, warmup: int, iters: int,
     peak = None if compile_ else meter.peak_mib()
     floors = {name: _Floor(cfg, device, name) for name in floor_variants(compile_)}
     train = time_interleaved(
-        {"model": train_step, **{k: f.train for k, f in floors.items()}}, device, warmup, iters
+        {"model": train_step, **{k: f.train for k, f in floors.items()}}, device, warmup, iters,
+        block,
     )
     model.eval()
 
@@ -210,7 +211,8 @@ def run_model(variant: str, cfg, device, warmup: int, iters: int,
             draw(cfg.batch)
 
     sampling = time_interleaved(
-        {"model": sample, **{k: f.sample for k, f in floors.items()}}, device, warmup, iters
+        {"model": sample, **{k: f.sample for k, f in floors.items()}}, device, warmup, iters,
+        block,
     )
     return {"train_s": train["model"]["s"], "sample_s": sampling["model"]["s"], "peak_mib": peak,
             **_against_floor("train", train), **_against_floor("sample", sampling),
@@ -230,13 +232,15 @@ def _against_floor(phase: str, timed: Dict[str, dict]) -> Dict[str, object]:
             f"{phase}_ratio_contiguous": timed["contiguous"]["ratio"]}
 
 
-def run_floor(cfg, device, warmup: int, iters: int, compile_: bool = False) -> Dict[str, object]:
+def run_floor(cfg, device, warmup: int, iters: int, compile_: bool = False,
+              block: int = 1) -> Dict[str, object]:
     """The floor alone in its own process: its memory and absolute times (fastest variant)."""
     meter = MemoryMeter(device)
     floors = {name: _Floor(cfg, device, name) for name in floor_variants(compile_)}
-    train = time_interleaved({k: f.train for k, f in floors.items()}, device, warmup, iters)
+    train = time_interleaved({k: f.train for k, f in floors.items()}, device, warmup, iters, block)
     peak = None if compile_ else meter.peak_mib()
-    sampling = time_interleaved({k: f.sample for k, f in floors.items()}, device, warmup, iters)
+    sampling = time_interleaved({k: f.sample for k, f in floors.items()}, device, warmup, iters,
+                                block)
     n_params = sum(p.numel() for p in floors["contiguous"].nets.parameters())
     out: Dict[str, object] = {
         "peak_mib": peak,
@@ -258,9 +262,10 @@ def child(args) -> None:
     warmup, iters = ITERS[args.config]
     _prime(args.child, device)
     if args.child == "floor":
-        emit(run_floor(cfg, device, warmup, iters, args.compile))
+        emit(run_floor(cfg, device, warmup, iters, args.compile, args.block))
     else:
-        emit(run_model(args.child, cfg, device, warmup, iters, args.compile, args.params))
+        emit(run_model(args.child, cfg, device, warmup, iters, args.compile, args.params,
+                       args.block))
 
 
 def summarize(per_round: List[Dict[str, dict]], variants: List[str], batch: int) -> Dict[str, dict]:
@@ -300,6 +305,7 @@ def parent(args) -> int:
         for v in rotate(["floor", *variants], r):
             child_args = ["--child", v, "--config", args.config, "--device", args.device,
                           "--threads", str(args.threads), "--params", args.params,
+                          "--block", str(args.block),
                           *(["--compile"] if args.compile else [])]
             this_round[v] = run_child(script, child_args, args.threads)
             got = this_round[v]
@@ -353,7 +359,12 @@ def main(argv=None) -> int:
                              "tensor; 'auto' (default), flat for compiled flowplugins and "
                              "per-tensor otherwise (the memory-saving variant is always "
                              "per-tensor)")
+    parser.add_argument("--block", type=int, default=1,
+                        help="consecutive calls of each workload per timed turn (default 1: "
+                             "every call follows the other workloads' calls)")
     args = parser.parse_args(argv)
+    if args.block < 1:
+        parser.error(f"--block must be at least 1; got {args.block}")
     if args.quick:
         args.config, args.rounds = "quick", min(args.rounds, 1)
     if args.child:

@@ -75,13 +75,19 @@ def test_glow_throughput_compile_json():
 
 
 def test_glow_throughput_trains_through_flat_parameters_when_asked():
-    proc = _run("glow_throughput.py", "--json", "--params", "flat",
+    proc = _run("glow_throughput.py", "--json", "--params", "flat", "--block", "2",
                 "--libraries", "flowplugins,flowplugins-ms,nflows")
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(proc.stdout)
-    assert data["args"]["params"] == "flat"
+    assert data["args"]["params"] == "flat" and data["args"]["block"] == 2
     for got in data["rounds"][0].values():
         assert got["train_s"] > 0
+
+
+def test_glow_throughput_rejects_a_block_below_one():
+    proc = _run("glow_throughput.py", "--block", "0")
+    assert proc.returncode == 2
+    assert "--block must be at least 1; got 0" in proc.stderr
 
 
 def test_glow_throughput_rejects_unknown_library():
