@@ -4,14 +4,13 @@ Builds one multi-scale Glow (see ``benchmarks/_glow.py`` for the architecture) i
 checks that their coupling nets have the same parameter count, and measures in one run, on one
 device:
 
-* train step (forward, mean NLL, backward, Adam step), images/s. By default a compiled
-  flowplugins step trains through ``flowplugins.training.FlatParameters``: after the data-dependent ActNorm
-  initialisation its parameters are gathered into one vector, which Adam updates (on CPU fused
-  Adam and autograd pay a fixed cost per tensor, and this Glow has 88-264 small ones). The peers
-  train their parameter tensors, as their users do: through FlatParameters their compiled steps
-  ran slower, and so does an eager flowplugins step, whose per-call parameter swap costs more
-  than Adam saves (``BENCHMARKS.md``).
-  ``--params flat`` / ``per-tensor`` sets one way for every library;
+* train step (forward, mean NLL, backward, Adam step), images/s. Under ``--compile`` every
+  library trains through ``flowplugins.training.FlatParameters`` by default: after the
+  data-dependent ActNorm initialisation its parameters are gathered into one vector, which Adam
+  updates (on CPU fused Adam and autograd pay a fixed cost per tensor, and this Glow has 88-264
+  small ones). Eager steps train their parameter tensors: there the per-call parameter swap
+  costs more than Adam saves (``BENCHMARKS.md``). ``--params flat`` / ``per-tensor`` sets one
+  way for every library;
 * sampling (eval mode, temperature 1, no_grad), images/s;
 * peak memory of the training phase: CUDA peak allocated, or on CPU the child process's peak
   RSS minus its RSS after imports and data;
@@ -175,7 +174,7 @@ def run_model(variant: str, cfg, device, warmup: int, iters: int,
         loss0 = float(gut.nll(x))  # every library's ActNorm initialises from this batch
     nll, draw = gut.nll, gut.sample
     if params == "auto":
-        params = "flat" if library == "flowplugins" and compile_ else "per-tensor"
+        params = "flat" if compile_ else "per-tensor"
     if params == "flat" and variant != "flowplugins-ms":
         # Memory-saving backprop recomputes steps with their own parameters (FlatParameters
         # refuses it), so that variant keeps one tensor per parameter.
@@ -325,7 +324,7 @@ def parent(args) -> int:
                           "summary": summary, "rounds": per_round}, indent=2, default=str))
         return 0 if nets_match else 1
     compiled = "; torch.compile (models and floor)" if args.compile else ""
-    compiled += {"auto": "; Adam over one flat vector (compiled flowplugins) or per tensor",
+    compiled += {"auto": "; Adam over one flat vector" if args.compile else "; Adam per tensor",
                  "flat": "; Adam over one flat vector", "per-tensor": "; Adam per tensor"}[args.params]
     print(f"Glow {cfg.describe()}; {args.device}, {args.threads} thread(s){compiled}; medians of "
           f"{args.rounds} round(s)\n")
@@ -356,9 +355,8 @@ def main(argv=None) -> int:
     parser.add_argument("--params", choices=("auto", "flat", "per-tensor"), default="auto",
                         help="what Adam updates: 'flat', one vector holding every parameter "
                              "(flowplugins.training.FlatParameters); 'per-tensor', each parameter "
-                             "tensor; 'auto' (default), flat for compiled flowplugins and "
-                             "per-tensor otherwise (the memory-saving variant is always "
-                             "per-tensor)")
+                             "tensor; 'auto' (default), flat under --compile and per-tensor "
+                             "otherwise (the memory-saving variant is always per-tensor)")
     parser.add_argument("--block", type=int, default=1,
                         help="consecutive calls of each workload per timed turn (default 1: "
                              "every call follows the other workloads' calls)")
