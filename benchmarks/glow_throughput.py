@@ -152,7 +152,8 @@ class _Floor:
 
 
 def run_model(variant: str, cfg, device, warmup: int, iters: int,
-              compile_: bool = False, params: str = "auto", block: int = 1) -> Dict[str, object]:
+              compile_: bool = False, params: str = "per-tensor",
+              block: int = 1) -> Dict[str, object]:
     """Memory of the train step first (nothing else allocated yet), then the model's train
     and sampling times, each alternated with the floor's in this same process."""
     import torch
@@ -173,8 +174,6 @@ def run_model(variant: str, cfg, device, warmup: int, iters: int,
     with torch.no_grad():
         loss0 = float(gut.nll(x))  # every library's ActNorm initialises from this batch
     nll, draw = gut.nll, gut.sample
-    if params == "auto":
-        params = "flat" if compile_ else "per-tensor"
     if params == "flat" and variant != "flowplugins-ms":
         # Memory-saving backprop recomputes steps with their own parameters (FlatParameters
         # refuses it), so that variant keeps one tensor per parameter.
@@ -324,8 +323,7 @@ def parent(args) -> int:
                           "summary": summary, "rounds": per_round}, indent=2, default=str))
         return 0 if nets_match else 1
     compiled = "; torch.compile (models and floor)" if args.compile else ""
-    compiled += {"auto": "; Adam over one flat vector" if args.compile else "; Adam per tensor",
-                 "flat": "; Adam over one flat vector", "per-tensor": "; Adam per tensor"}[args.params]
+    compiled += {"flat": "; Adam over one flat vector", "per-tensor": "; Adam per tensor"}[args.params]
     print(f"Glow {cfg.describe()}; {args.device}, {args.threads} thread(s){compiled}; medians of "
           f"{args.rounds} round(s)\n")
     header = ["library", "params (stored)", "params (effective)", "coupling-net params",
@@ -363,6 +361,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.block < 1:
         parser.error(f"--block must be at least 1; got {args.block}")
+    if args.params == "auto":
+        args.params = "flat" if args.compile else "per-tensor"
     if args.quick:
         args.config, args.rounds = "quick", min(args.rounds, 1)
     if args.child:

@@ -43,7 +43,7 @@ def test_gradients_equal_per_tensor_backprop():
     assert set(grads) == set(names)
     for name, p in reference.named_parameters():
         torch.testing.assert_close(grads[name].view_as(p), p.grad, rtol=1e-10, atol=1e-12)
-    assert flat.vector.grad.abs().min() >= 0 and bool(flat.vector.grad.ne(0).any())
+    assert bool(flat.vector.grad.ne(0).any())
 
 
 def test_adam_steps_equal_per_tensor_training():
@@ -91,7 +91,6 @@ def test_eval_caches_see_optimizer_steps():
     model = _glow()
     flat = FlatParameters(model)
     model.eval()
-    z = torch.randn(4, 64, dtype=torch.float64)
     with torch.no_grad():
         model.sample(4)  # fills the caches
         flat.vector.add_(0.01 * torch.randn_like(flat.vector))
@@ -108,7 +107,6 @@ def test_eval_caches_see_optimizer_steps():
         torch.manual_seed(3)
         b = fresh.sample(4)
     torch.testing.assert_close(a, b)
-    del z
 
 
 def test_strides_and_tied_parameters_are_kept():

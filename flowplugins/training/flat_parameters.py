@@ -91,8 +91,9 @@ class FlatParameters:
         vector: the single vector when there is one group.
 
     Raises:
-        ValueError: no trainable parameters; a module with memory-saving backprop; parameters of one group on different devices or
-            with different dtypes; groups that miss, repeat or add parameters.
+        ValueError: no trainable parameters; a module with memory-saving backprop; parameters
+            of one group on different devices or with different dtypes; groups that miss,
+            repeat or add parameters.
 
     Example:
         >>> import torch
@@ -110,7 +111,8 @@ class FlatParameters:
 
     def __init__(self, module: nn.Module,
                  groups: Optional[Sequence[Iterable[nn.Parameter]]] = None) -> None:
-        reversible = [name for name, m in module.named_modules() if getattr(m, "memory_saving", False)]
+        reversible = [name for name, m in module.named_modules()
+                      if getattr(m, "memory_saving", False)]
         if reversible:
             # Memory-saving backprop recomputes each step in the backward pass, after call()
             # has put the frozen aliases back, so its parameter gradients would be lost.
@@ -129,15 +131,16 @@ class FlatParameters:
         else:
             group_lists = [list(g) for g in groups]
             listed = [id(p) for g in group_lists for p in g]
+            listed_once = set(listed)
             unknown = [p for g in group_lists for p in g if id(p) not in name_of]
             if unknown:
                 raise ValueError(
                     f"FlatParameters: groups hold {len(unknown)} tensor(s) that are not trainable "
                     f"parameters of the module (first of shape {tuple(unknown[0].shape)})"
                 )
-            if len(listed) != len(set(listed)):
+            if len(listed) != len(listed_once):
                 raise ValueError("FlatParameters: a parameter appears in more than one group")
-            missing = [name for name, p in named if id(p) not in set(listed)]
+            missing = [name for name, p in named if id(p) not in listed_once]
             if missing:
                 raise ValueError(
                     f"FlatParameters: groups miss {len(missing)} trainable parameter(s): "
