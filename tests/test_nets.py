@@ -157,6 +157,32 @@ def test_channels_last_default_follows_the_device(device):
     assert out.is_contiguous()
 
 
+def _weights_channels_last(net):
+    return [c.weight.is_contiguous(memory_format=torch.channels_last)
+            and not c.weight.is_contiguous()
+            for c in (net.conv_in, net.conv_hidden, net.conv_out)]
+
+
+def test_weights_follow_the_input_layout():
+    # conv_hidden's (8, 8, 1, 1) weight is contiguous and channels-last at once.
+    net = CouplingNet(2, 4, hidden=8)
+    assert _weights_channels_last(net) == [True, False, True]
+    assert net.conv_hidden.weight.is_contiguous(memory_format=torch.channels_last)
+    weight = net.conv_in.weight
+    net.double()  # moves re-apply the rule and keep the Parameter objects
+    assert net.conv_in.weight is weight and _weights_channels_last(net) == [True, False, True]
+    assert _weights_channels_last(CouplingNet(2, 4, hidden=8, channels_last=False)) == [False] * 3
+    assert _weights_channels_last(net.to("meta")) == [False] * 3  # not CPU: contiguous
+    # A state dict moves between layouts by value.
+    plain = CouplingNet(2, 4, hidden=8, channels_last=False)
+    perturb(plain)
+    fast = CouplingNet(2, 4, hidden=8)
+    fast.load_state_dict(plain.state_dict())
+    assert _weights_channels_last(fast) == [True, False, True]
+    h = torch.randn(3, 2, 5, 5)
+    torch.testing.assert_close(fast(h), plain(h), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad", [1, "yes", 0.0])
 def test_channels_last_must_be_a_bool_or_none(bad):
     with pytest.raises(TypeError, match="CouplingNet: channels_last must be True, False or None"):
