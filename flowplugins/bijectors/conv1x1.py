@@ -86,6 +86,12 @@ def _lu_factors(lower: Tensor, upper: Tensor, log_abs_s: Tensor, permutation: Te
     return eye[permutation], unit_lower, full_upper
 
 
+def _triangle_masks(c: int, like: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The ``C×C`` identity and strict lower / upper masks, in ``like``'s dtype and device."""
+    ones = torch.ones(c, c, dtype=like.dtype, device=like.device)
+    return torch.eye(c, dtype=like.dtype, device=like.device), ones.tril(-1), ones.triu(1)
+
+
 def _lu_weight(*sources: Tensor) -> Tensor:
     """``W = P L U`` from the sources of :func:`_lu_factors`."""
     perm, lower, upper = _lu_factors(*sources)
@@ -100,7 +106,15 @@ def _lu_inverse_weight(*sources: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(upper, y, upper=True)
 
 
-register_derivation("flowplugins.LUInvertibleConv1x1.inverse", _lu_inverse_weight)
+def _lu_inverse_from_state(lower: Tensor, upper: Tensor, log_abs_s: Tensor, permutation: Tensor,
+                           sign: Tensor) -> Tensor:
+    """``W⁻¹`` from the LU conv's parameters and persistent buffers alone: the masks are
+    rebuilt, so the cache key and a compiled graph's inputs leave them out."""
+    return _lu_inverse_weight(lower, upper, log_abs_s, permutation, sign,
+                              *_triangle_masks(lower.shape[0], lower))
+
+
+register_derivation("flowplugins.LUInvertibleConv1x1.inverse", _lu_inverse_from_state)
 register_derivation("flowplugins.InvertibleConv1x1.inverse", torch.linalg.inv)
 register_derivation("flowplugins.InvertibleConv1x1.logabsdet", lambda weight: torch.linalg.slogdet(weight)[1])
 
@@ -277,21 +291,30 @@ class LUInvertibleConv1x1(_CachedConv1x1):
     }
 
     def _derivation_sources(self) -> Tuple[Tensor, ...]:
-        return (self.lower, self.upper, self.log_abs_s, self.permutation, self.sign, self._eye,
-                self._strict_lower, self._strict_upper)
+        # The state W depends on; the constant masks are not part of it (see _masks).
+        return (self.lower, self.upper, self.log_abs_s, self.permutation, self.sign)
+
+    def _masks(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """The identity and the strict lower / upper masks that :func:`_lu_factors` takes."""
+        if _base.is_compiling():
+            # In a graph they are index arithmetic fused into the kernels that read them; as
+            # buffers they would be graph inputs, three more tensors per conv for the compiled
+            # function's guards to check on every call.
+            return _triangle_masks(self.event_shape[0], self.lower)
+        return self._eye, self._strict_lower, self._strict_upper
 
     def _permutation_matrix(self) -> Tensor:
-        return self._eye[self.permutation]
+        return self._masks()[0][self.permutation]
 
     def _factors(self) -> Tuple[Tensor, Tensor]:
-        _, lower, upper = _lu_factors(*self._derivation_sources())
+        _, lower, upper = _lu_factors(*self._derivation_sources(), *self._masks())
         return lower, upper
 
     def _build_weight(self) -> Tensor:
-        return _lu_weight(*self._derivation_sources())
+        return _lu_weight(*self._derivation_sources(), *self._masks())
 
     def _build_inverse_weight(self) -> Tensor:
-        return _lu_inverse_weight(*self._derivation_sources())
+        return _lu_inverse_weight(*self._derivation_sources(), *self._masks())
 
     def _build_logabsdet(self) -> Tensor:
         return self.log_abs_s.sum()
