@@ -233,13 +233,20 @@ class AffineCoupling(ChannelCoupling):
             log_scale = torch.log(scale)
         return scale, log_scale, shift
 
+    # The element-wise maps run on (N, C, H·W) views. Under torch.compile on CPU, Inductor
+    # lays every 4-D tensor downstream of a convolution out channels-last, and with the few
+    # channels of a coupling its kernels then loop over 2-4 channels innermost and compute
+    # exp and log one number at a time; 3-D intermediates keep a contiguous layout, whose
+    # kernels are vectorised over H·W.
     def _couple(self, x_b: Tensor, h: Tensor) -> Tuple[Tensor, Tensor]:
-        scale, log_scale, shift = self._scale_and_shift(h)
-        return (x_b + shift) * scale, sum_except_batch(log_scale)
+        scale, log_scale, shift = self._scale_and_shift(h.flatten(-2))
+        z_b = (x_b.flatten(-2) + shift) * scale
+        return z_b.view(x_b.shape), sum_except_batch(log_scale)
 
     def _uncouple(self, z_b: Tensor, h: Tensor) -> Tuple[Tensor, Tensor]:
-        scale, log_scale, shift = self._scale_and_shift(h)
-        return z_b / scale - shift, -sum_except_batch(log_scale)
+        scale, log_scale, shift = self._scale_and_shift(h.flatten(-2))
+        x_b = z_b.flatten(-2) / scale - shift
+        return x_b.view(z_b.shape), -sum_except_batch(log_scale)
 
 
 class AdditiveCoupling(ChannelCoupling):
