@@ -303,13 +303,6 @@ class LUInvertibleConv1x1(_CachedConv1x1):
             return _triangle_masks(self.event_shape[0], self.lower)
         return self._eye, self._strict_lower, self._strict_upper
 
-    def _permutation_matrix(self) -> Tensor:
-        return self._masks()[0][self.permutation]
-
-    def _factors(self) -> Tuple[Tensor, Tensor]:
-        _, lower, upper = _lu_factors(*self._derivation_sources(), *self._masks())
-        return lower, upper
-
     def _build_weight(self) -> Tensor:
         return _lu_weight(*self._derivation_sources(), *self._masks())
 

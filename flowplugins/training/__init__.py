@@ -15,9 +15,8 @@ from .plotting import plot_bpd_curve, save_grid, save_rows
 
 __all__ = [
     "CheckpointError", "ConfigError", "EMA", "FlatParameters", "ModelConfig",
-    "NonFiniteLossError", "Runtime",
-    "TrainConfig", "TrainResult", "TrainingError", "UniformDequantizer",
-    "VariationalDequantizer", "build_model", "evaluate_bpd",
+    "NonFiniteLossError", "Runtime", "TrainConfig", "TrainResult", "TrainingError",
+    "UniformDequantizer", "VariationalDequantizer", "build_model", "evaluate_bpd",
     "load_checkpoint", "load_config_file", "load_model", "make_context", "plot_bpd_curve",
     "save_checkpoint", "save_grid", "save_rows", "train",
 ]

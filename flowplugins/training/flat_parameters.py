@@ -53,42 +53,38 @@ def _memory_order(size: Sequence[int], stride: Sequence[int]) -> Optional[List[i
     return dims
 
 
-def _shaped(segment: Tensor, size: Sequence[int], order: Sequence[int]) -> Tensor:
-    """``segment`` (1-D) seen as a tensor of ``size`` laid out in ``order`` — differentiable,
-    and a view, so that gradients and in-place updates reach the vector."""
+def _view_layout(size: Sequence[int], order: Sequence[int]
+                 ) -> Tuple[Tuple[int, ...], Optional[Tuple[int, ...]]]:
+    """How a 1-D segment becomes a tensor of ``size`` laid out in ``order``: view it as
+    ``shape`` (the dimensions in memory order), then permute by ``inverse`` unless that is
+    ``None`` (already in order)."""
+    shape = tuple(size[d] for d in order)
     if all(position == d for position, d in enumerate(order)):
-        return segment.view(size)
-    permuted = segment.view([size[d] for d in order])
+        return shape, None
     inverse = [0] * len(order)
     for position, d in enumerate(order):
         inverse[d] = position
-    return permuted.permute(inverse)
+    return shape, tuple(inverse)
+
+
+def _view_of(segment: Tensor, shape: Tuple[int, ...], inverse: Optional[Tuple[int, ...]]) -> Tensor:
+    """``segment`` seen through :func:`_view_layout`'s result: differentiable, and a view, so
+    that gradients and in-place updates reach the vector."""
+    view = segment.view(shape)
+    return view if inverse is None else view.permute(inverse)
 
 
 @torch.compiler.assume_constant_result
 def _view_plan(flat: "FlatParameters") -> Tuple[Tuple[Tuple[int, ...], ...], Tuple[Any, ...]]:
     """How :meth:`FlatParameters.views` cuts the vectors: the split sizes per vector, and per
-    parameter ``(names, group, index, shape, inverse)`` — view piece ``index`` of vector
-    ``group`` as ``shape`` (the parameter's dimensions in memory order), then permute by
-    ``inverse`` unless that is ``None``.
+    parameter ``(names, group, index, shape, inverse)`` — piece ``index`` of vector ``group``
+    seen through :func:`_view_of`.
 
     The plan is fixed when a :class:`FlatParameters` is built, so ``torch.compile`` may take
     it as a constant. Read from Python lists, each of its several hundred integers became a
     guard checked on every call of the compiled function (~0.1 µs each).
     """
     return flat._plan
-
-
-def _plan_of(flat: "FlatParameters") -> Tuple[Tuple[Tuple[int, ...], ...], Tuple[Any, ...]]:
-    entries = []
-    for name, (g, index, size, order) in flat._layout.items():
-        shape = tuple(size[d] for d in order)
-        inverse = [0] * len(order)
-        for position, d in enumerate(order):
-            inverse[d] = position
-        identity = all(position == d for position, d in enumerate(order))
-        entries.append((flat._names[name], g, index, shape, None if identity else tuple(inverse)))
-    return tuple(tuple(sizes) for sizes in flat._sizes), tuple(entries)
 
 
 class _Caller(nn.Module):
@@ -175,15 +171,13 @@ class FlatParameters:
         self.module = module
         self._caller = _Caller(module)
         self.vectors: List[nn.Parameter] = []
-        # name -> (group, index in the group, size, memory order), one per distinct parameter.
-        self._layout: Dict[str, Tuple[int, int, Tuple[int, ...], List[int]]] = {}
-        self._sizes: List[List[int]] = [[p.numel() for p in params] for params in group_lists]
+        sizes = tuple(tuple(p.numel() for p in params) for params in group_lists)
         # Every name a parameter is reachable under (tied ones have several), for the swap.
-        self._names: Dict[str, Tuple[str, ...]] = {}
+        names: Dict[int, Tuple[str, ...]] = {}
         for name, p in module.named_parameters(remove_duplicate=False):
             if id(p) in name_of:
-                first_name = name_of[id(p)]
-                self._names[first_name] = self._names.get(first_name, ()) + (name,)
+                names[id(p)] = names.get(id(p), ()) + (name,)
+        entries = []  # (names, group, index, shape, inverse), one per distinct parameter
         aliases: Dict[int, nn.Parameter] = {}
         for g, params in enumerate(group_lists):
             if not params:
@@ -201,17 +195,18 @@ class FlatParameters:
             self.vectors.append(nn.Parameter(vector))
             # detach() shares the vector's version counter: caches keyed on _version (the 1x1
             # convolutions' W⁻¹) see every optimizer step through the aliases.
-            segments = self.vectors[g].detach().split(self._sizes[g])
+            segments = self.vectors[g].detach().split(sizes[g])
             for index, (p, segment) in enumerate(zip(params, segments)):
                 order = _memory_order(p.shape, p.stride())
                 if order is None:  # overlapping or gapped strides: store it contiguous
                     order = list(range(p.dim()))
-                self._layout[name_of[id(p)]] = (g, index, tuple(p.shape), order)
-                alias = _shaped(segment, p.shape, order)
+                shape, inverse = _view_layout(p.shape, order)
+                entries.append((names[id(p)], g, index, shape, inverse))
+                alias = _view_of(segment, shape, inverse)
                 with torch.no_grad():
                     alias.copy_(p)
                 aliases[id(p)] = nn.Parameter(alias, requires_grad=False)
-        self._plan = _plan_of(self)
+        self._plan = (sizes, tuple(entries))
         # Every owner of a (possibly shared) parameter gets the same alias.
         for owner in module.modules():
             for key, p in list(owner._parameters.items()):
@@ -236,11 +231,8 @@ class FlatParameters:
         # concatenation, while each slice's backward would write a zero-filled vector.
         sizes, entries = _view_plan(self)
         pieces = [vector.split(s) for vector, s in zip(self.vectors, sizes)]
-        out = []
-        for names, g, index, shape, inverse in entries:
-            view = pieces[g][index].view(shape)
-            out.append((names, view if inverse is None else view.permute(inverse)))
-        return out
+        return [(names, _view_of(pieces[g][index], shape, inverse))
+                for names, g, index, shape, inverse in entries]
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` (``fn`` is the module or one of its methods, e.g.
@@ -275,4 +267,4 @@ class FlatParameters:
 
     def __repr__(self) -> str:
         sizes = ", ".join(str(v.numel()) for v in self.vectors)
-        return f"FlatParameters({len(self._layout)} parameters in vector(s) of {sizes})"
+        return f"FlatParameters({len(self._plan[1])} parameters in vector(s) of {sizes})"
