@@ -26,7 +26,10 @@ With ``--compile`` every library's NLL and sampling call goes through ``torch.co
 default Inductor backend), and so do the floor's nets: the floor is then the fastest of four
 variants, eager or compiled in either layout. Compilation happens in the warm-up calls, before
 anything is timed. Peak memory is not reported under ``--compile``: the compiler's own peak
-RSS would swamp the train step's.
+RSS would swamp the train step's. ``--cpp-wrapper`` adds Inductor's ``cpp_wrapper`` option to
+every one of those calls, floor included: the compiled graphs then launch their kernels from
+generated C++ rather than from a Python wrapper, which is most of a small model's fixed cost
+per call on a CPU.
 
 Each library runs in its own process, once per round, in a rotated order. Inside that process
 its train step (and its sampling call) alternates with the floor's variants, so the ratio
@@ -39,6 +42,7 @@ Usage::
     python benchmarks/glow_throughput.py --config small --threads 1 --rounds 5
     python benchmarks/glow_throughput.py --config large --threads 2 --rounds 3 --json
     python benchmarks/glow_throughput.py --config small --threads 1 --rounds 3 --compile
+    python benchmarks/glow_throughput.py --config small --threads 2 --rounds 3 --compile --cpp-wrapper
     python benchmarks/glow_throughput.py --quick        # smoke test, a few seconds
 """
 
@@ -48,7 +52,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,7 +117,8 @@ class _Floor:
     ``"contiguous"`` (N, C, H, W) or ``"channels_last"`` (inputs, seeds and weights), eager or,
     for a variant named ``"compiled <layout>"``, through ``torch.compile``."""
 
-    def __init__(self, cfg, device, variant: str = "contiguous") -> None:
+    def __init__(self, cfg, device, variant: str = "contiguous",
+                 compile_options: Optional[dict] = None) -> None:
         import torch
 
         from _glow import floor_nets
@@ -130,7 +135,7 @@ class _Floor:
         self.leaves = [inp.clone().requires_grad_(True) for inp in self.inputs]
         self.run = self._run_nets
         if variant.startswith(COMPILED):
-            self.run = torch.compile(self._run_nets)
+            self.run = torch.compile(self._run_nets, options=compile_options)
 
     def _run_nets(self, inputs):
         return [net(inp) for net, inp in zip(self.nets, inputs)]
@@ -153,7 +158,7 @@ class _Floor:
 
 def run_model(variant: str, cfg, device, warmup: int, iters: int,
               compile_: bool = False, params: str = "per-tensor",
-              block: int = 1) -> Dict[str, object]:
+              block: int = 1, compile_options: Optional[dict] = None) -> Dict[str, object]:
     """Memory of the train step first (nothing else allocated yet), then the model's train
     and sampling times, each alternated with the floor's in this same process."""
     import torch
@@ -185,7 +190,8 @@ def run_model(variant: str, cfg, device, warmup: int, iters: int,
     else:
         optimizer = make_adam([p for p in model.parameters() if p.requires_grad])
     if compile_:
-        nll, draw = torch.compile(nll), torch.compile(draw)
+        nll = torch.compile(nll, options=compile_options)
+        draw = torch.compile(draw, options=compile_options)
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
@@ -197,7 +203,8 @@ def run_model(variant: str, cfg, device, warmup: int, iters: int,
     for _ in range(warmup):
         train_step()
     peak = None if compile_ else meter.peak_mib()
-    floors = {name: _Floor(cfg, device, name) for name in floor_variants(compile_)}
+    floors = {name: _Floor(cfg, device, name, compile_options)
+              for name in floor_variants(compile_)}
     train = time_interleaved(
         {"model": train_step, **{k: f.train for k, f in floors.items()}}, device, warmup, iters,
         block,
@@ -231,10 +238,11 @@ def _against_floor(phase: str, timed: Dict[str, dict]) -> Dict[str, object]:
 
 
 def run_floor(cfg, device, warmup: int, iters: int, compile_: bool = False,
-              block: int = 1) -> Dict[str, object]:
+              block: int = 1, compile_options: Optional[dict] = None) -> Dict[str, object]:
     """The floor alone in its own process: its memory and absolute times (fastest variant)."""
     meter = MemoryMeter(device)
-    floors = {name: _Floor(cfg, device, name) for name in floor_variants(compile_)}
+    floors = {name: _Floor(cfg, device, name, compile_options)
+              for name in floor_variants(compile_)}
     train = time_interleaved({k: f.train for k, f in floors.items()}, device, warmup, iters, block)
     peak = None if compile_ else meter.peak_mib()
     sampling = time_interleaved({k: f.sample for k, f in floors.items()}, device, warmup, iters,
@@ -259,11 +267,17 @@ def child(args) -> None:
     cfg = CONFIGS[args.config]
     warmup, iters = ITERS[args.config]
     _prime(args.child, device)
+    options = compile_options(args)
     if args.child == "floor":
-        emit(run_floor(cfg, device, warmup, iters, args.compile, args.block))
+        emit(run_floor(cfg, device, warmup, iters, args.compile, args.block, options))
     else:
         emit(run_model(args.child, cfg, device, warmup, iters, args.compile, args.params,
-                       args.block))
+                       args.block, options))
+
+
+def compile_options(args) -> Optional[dict]:
+    """The Inductor options every ``torch.compile`` call of a run gets (models and floor alike)."""
+    return {"cpp_wrapper": True} if args.cpp_wrapper else None
 
 
 def summarize(per_round: List[Dict[str, dict]], variants: List[str], batch: int) -> Dict[str, dict]:
@@ -304,7 +318,8 @@ def parent(args) -> int:
             child_args = ["--child", v, "--config", args.config, "--device", args.device,
                           "--threads", str(args.threads), "--params", args.params,
                           "--block", str(args.block),
-                          *(["--compile"] if args.compile else [])]
+                          *(["--compile"] if args.compile else []),
+                          *(["--cpp-wrapper"] if args.cpp_wrapper else [])]
             this_round[v] = run_child(script, child_args, args.threads)
             got = this_round[v]
             log(f"round {r + 1}/{args.rounds} {v}: train {got['train_s'] * 1e3:.1f} ms "
@@ -323,6 +338,7 @@ def parent(args) -> int:
                           "summary": summary, "rounds": per_round}, indent=2, default=str))
         return 0 if nets_match else 1
     compiled = "; torch.compile (models and floor)" if args.compile else ""
+    compiled += " with Inductor's C++ wrapper" if args.cpp_wrapper else ""
     compiled += {"flat": "; Adam over one flat vector", "per-tensor": "; Adam per tensor"}[args.params]
     print(f"Glow {cfg.describe()}; {args.device}, {args.threads} thread(s){compiled}; medians of "
           f"{args.rounds} round(s)\n")
@@ -350,6 +366,10 @@ def main(argv=None) -> int:
                         help=f"comma-separated, from {','.join(VARIANTS)} (default {DEFAULT_VARIANTS})")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every model's NLL and sampling call and the floor's nets")
+    parser.add_argument("--cpp-wrapper", action="store_true",
+                        help="with --compile: every torch.compile call (every library's and the "
+                             "floor's) gets Inductor's cpp_wrapper option, which calls the "
+                             "compiled kernels from generated C++ instead of Python")
     parser.add_argument("--params", choices=("auto", "flat", "per-tensor"), default="auto",
                         help="what Adam updates: 'flat', one vector holding every parameter "
                              "(flowplugins.training.FlatParameters); 'per-tensor', each parameter "
@@ -361,6 +381,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.block < 1:
         parser.error(f"--block must be at least 1; got {args.block}")
+    if args.cpp_wrapper and not args.compile:
+        parser.error("--cpp-wrapper is an option of --compile; pass both")
     if args.params == "auto":
         args.params = "flat" if args.compile else "per-tensor"
     if args.quick:

@@ -74,6 +74,24 @@ def test_glow_throughput_compile_json():
     assert 0 < floor["train_ratio_contiguous"] <= 1.0 and 0 < floor["sample_ratio_contiguous"] <= 1.0
 
 
+@pytest.mark.slow
+def test_glow_throughput_cpp_wrapper_json():
+    """--cpp-wrapper reaches every compiled call: the run completes and says so."""
+    proc = _run("glow_throughput.py", "--json", "--compile", "--cpp-wrapper",
+                "--libraries", "flowplugins")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(proc.stdout)
+    assert data["args"]["cpp_wrapper"] is True
+    for got in data["rounds"][0].values():
+        assert got["train_s"] > 0 and got["sample_s"] > 0
+
+
+def test_glow_throughput_rejects_cpp_wrapper_without_compile():
+    proc = _run("glow_throughput.py", "--cpp-wrapper")
+    assert proc.returncode == 2
+    assert "--cpp-wrapper is an option of --compile" in proc.stderr
+
+
 def test_glow_throughput_trains_through_flat_parameters_when_asked():
     proc = _run("glow_throughput.py", "--json", "--params", "flat", "--block", "2",
                 "--libraries", "flowplugins,flowplugins-ms,nflows")
