@@ -281,9 +281,9 @@ class LUInvertibleConv1x1(_CachedConv1x1):
         self.register_buffer("sign", torch.sign(s).to(dtype))
         # Constant masks, built once rather than by tril/triu/eye on every training step. Not
         # persistent: the state dict is unchanged, and .to()/.double() still move them.
-        self.register_buffer("_eye", torch.eye(c, dtype=dtype), persistent=False)
-        self.register_buffer("_strict_lower", torch.ones(c, c, dtype=dtype).tril(-1), persistent=False)
-        self.register_buffer("_strict_upper", torch.ones(c, c, dtype=dtype).triu(1), persistent=False)
+        for name, mask in zip(("_eye", "_strict_lower", "_strict_upper"),
+                              _triangle_masks(c, self.lower)):
+            self.register_buffer(name, mask, persistent=False)
 
     _derivations = {
         # W and log|det W| cost less in the graph than a call out of it.
