@@ -43,9 +43,28 @@ def register_derivation(name: str, derive: Callable[..., Tensor]) -> None:
     _DERIVATIONS[name] = derive
 
 
+# Bumped by every DerivedTensorCache.clear(), which may follow writes the sources' keys cannot
+# see: the batch answers below are only valid within the generation they were built in.
+_generation = 0
+
+
 def _derived_tensors(
     derivations: List[str], sources: List[Tensor], counts: List[int], caches: List[int]
 ) -> List[Tensor]:
+    first = _LIVE_CACHES.get(caches[0]) if caches else None
+    # A compiled graph asks the same question on every call: its answer is kept on the first
+    # cache under one key over all the sources, checked in one pass (the per-cache lookups
+    # cost ~23 µs for the 8 convs of a 1×8×8 Glow, this ~6 µs). Versions and storage
+    # addresses suffice: the graph's guards fix the sources' dtypes and devices, and a
+    # conversion allocates new storage while the old is alive, so the address changes.
+    key = ([t._version for t in sources], [t.data_ptr() for t in sources])
+    signature = (tuple(derivations), tuple(caches), tuple(counts))
+    if first is not None:
+        known = first._batches.get(signature)
+        if known is not None and known[0] == _generation and known[1] == key:
+            # Copies: Inductor may reuse an external kernel's output buffer for later
+            # results, and the cached values must outlive the graph.
+            return [value.clone() for value in known[2]]
     values, start = [], 0
     for derivation, count, cache in zip(derivations, counts, caches):
         own = sources[start:start + count]
@@ -54,12 +73,12 @@ def _derived_tensors(
         owner = _LIVE_CACHES.get(cache)
         if owner is None:  # a graph that outlived its module, or one run in another process
             with torch.no_grad():
-                values.append(derive(*own).clone())
+                values.append(derive(*own))
         else:
-            # A copy: Inductor may reuse an external kernel's output buffer for later
-            # results, and the cached value must outlive the graph.
-            values.append(owner.get(derivation, lambda: derive(*own), own).clone())
-    return values
+            values.append(owner.get(derivation, lambda: derive(*own), own))
+    if first is not None:
+        first._batches[signature] = (_generation, key, values)
+    return [value.clone() for value in values]
 
 
 def _define_derived_tensors_op():
@@ -140,11 +159,13 @@ class DerivedTensorCache:
         [[0.5, 0.0], [0.0, 0.5]]
     """
 
-    __slots__ = ("_values", "_key", "_id", "__weakref__")
+    __slots__ = ("_values", "_key", "_id", "_batches", "__weakref__")
 
     def __init__(self) -> None:
         self._values: Dict[str, object] = {}
         self._key: Optional[tuple] = None
+        # The last answers of flowplugins::derived_tensors calls that start with this cache.
+        self._batches: Dict[tuple, tuple] = {}
         self._id = next(_cache_ids)
         _LIVE_CACHES[self._id] = self
 
@@ -198,6 +219,9 @@ class DerivedTensorCache:
         return len(self._values)
 
     def clear(self) -> None:
-        """Drop every cached value."""
+        """Drop every cached value (those of compiled graphs' batched lookups included)."""
+        global _generation
+        _generation += 1
         self._values = {}
         self._key = None
+        self._batches = {}

@@ -406,15 +406,18 @@ def test_a_subclass_that_overrides_a_builder_is_not_served_the_parents_cached_in
     assert Scaled._derivations == {} and LUInvertibleConv1x1._derivations
 
 
+@pytest.mark.parametrize("channels", [3, 12])
 @pytest.mark.parametrize("grad", [False, True])
-def test_apply_channel_matrix_traced_without_autograd_matches_eager(grad):
-    """Traced without autograd the product runs pixel-major (a channels-last result); the
-    values, and with autograd the bmm path, match the eager ones."""
-    from flowplugins.bijectors.conv1x1 import apply_channel_matrix
+def test_apply_channel_matrix_traced_without_autograd_matches_eager(grad, channels):
+    """Traced without autograd the product runs as multiply-adds (up to UNROLLED_CHANNELS
+    input channels) or pixel-major (a channels-last result); the values, and with autograd
+    the bmm path, match the eager ones."""
+    from flowplugins.bijectors.conv1x1 import UNROLLED_CHANNELS, apply_channel_matrix
 
+    assert 3 <= UNROLLED_CHANNELS < 12  # both forms are covered
     g = torch.Generator().manual_seed(0)
-    weight, bias = torch.randn(5, 3, generator=g), torch.randn(5, generator=g)
-    x = torch.randn(4, 3, 2, 6, generator=g, requires_grad=grad)
+    weight, bias = torch.randn(5, channels, generator=g), torch.randn(5, generator=g)
+    x = torch.randn(4, channels, 2, 6, generator=g, requires_grad=grad)
     torch._dynamo.reset()
     compiled = torch.compile(apply_channel_matrix, backend="eager")
     with torch.set_grad_enabled(grad):

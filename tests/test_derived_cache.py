@@ -121,6 +121,36 @@ def test_registered_derivations_stay_cached_inside_compiled_graphs(backend):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_compiled_lookups_see_clear_and_replaced_storage(backend):
+    """A compiled graph's batched lookup keeps its answer under the sources' versions and
+    addresses: a write that bypasses the version counter stays invisible until ``clear()``
+    of any cache in the batch (as for eager calls), and storage swapped in through ``.data``
+    is seen at once."""
+    if derived_cache_module._DERIVED_TENSORS_OP is None:
+        pytest.skip("this torch cannot register the operator's fake version")
+    torch._dynamo.reset()
+    a, w = torch.eye(3) * 10.0, torch.eye(3) * 2.0
+    first, cache = DerivedTensorCache(), DerivedTensorCache()
+    requests = [(first, "tests.counted_inverse", [a]), (cache, "tests.counted_inverse", [w])]
+
+    def apply(x):
+        inv_a, inv_w = derive_all(requests)
+        return inv_a @ x, inv_w @ x
+
+    compiled = torch.compile(apply, backend=backend)
+    x = torch.randn(3, 4)
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), (0.1 * x, 0.5 * x))
+    w.data.copy_(torch.eye(3) * 4.0)  # no version bump
+    torch.testing.assert_close(compiled(x), (0.1 * x, 0.5 * x))
+    cache.clear()  # not the first cache of the batch
+    torch.testing.assert_close(compiled(x), (0.1 * x, 0.25 * x))
+    w.data = torch.eye(3) * 8.0  # new storage, same tensor object
+    torch.testing.assert_close(compiled(x), (0.1 * x, 0.125 * x))
+    torch.testing.assert_close(cache.derive("tests.counted_inverse", [w]), torch.eye(3) * 0.125)
+
+
 def test_a_cached_value_is_handed_out_of_a_compiled_graph_as_a_copy():
     """Inductor may write later results into an external kernel's output buffer: the cache
     keeps its own tensor."""
