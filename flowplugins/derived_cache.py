@@ -13,6 +13,7 @@ and rebuilds if needed each time the graph runs, as an eager call does.
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -25,14 +26,26 @@ __all__ = ["DerivedTensorCache", "derive_all", "register_derivation"]
 
 # name -> pure function of the source tensors, returning one tensor.
 _DERIVATIONS: Dict[str, Callable[..., Tensor]] = {}
+# name -> the shape of its value from the sources (their shapes only): a compiled graph gets
+# every value of a batch in one flat tensor and cuts it up by these.
+_SHAPES: Dict[str, Callable[..., Sequence[int]]] = {}
 # id -> live cache, so that a compiled graph (which can only hold an int) finds its cache.
 _LIVE_CACHES: "weakref.WeakValueDictionary[int, DerivedTensorCache]" = weakref.WeakValueDictionary()
 _cache_ids = itertools.count()
 
 
-def register_derivation(name: str, derive: Callable[..., Tensor]) -> None:
+def _first_source_shape(*sources: Tensor) -> Sequence[int]:
+    return sources[0].shape
+
+
+def register_derivation(name: str, derive: Callable[..., Tensor],
+                        shape: Optional[Callable[..., Sequence[int]]] = None) -> None:
     """Register ``derive`` (a pure function of tensors returning one tensor, e.g. ``W⁻¹`` from
     LU factors) under ``name`` for :meth:`DerivedTensorCache.derive`.
+
+    ``shape(*sources)`` gives the shape of the value from the sources' shapes alone (default:
+    the first source's shape, right for a matrix derived from matrices of its size). Compiled
+    graphs rely on it; a wrong one is reported when the graph is traced.
 
     Raises:
         ValueError: if ``name`` is taken by another function.
@@ -41,6 +54,25 @@ def register_derivation(name: str, derive: Callable[..., Tensor]) -> None:
     if known is not None and known is not derive:
         raise ValueError(f"register_derivation: the name {name!r} is already registered")
     _DERIVATIONS[name] = derive
+    _SHAPES[name] = _first_source_shape if shape is None else shape
+
+
+def _check_shapes(derivations: Sequence[str], values: Sequence[Tensor], ranks: Sequence[int],
+                  dims: Sequence[int]) -> None:
+    start = 0
+    for derivation, value, rank in zip(derivations, values, ranks):
+        declared = tuple(dims[start:start + rank])
+        start += rank
+        if tuple(value.shape) != declared:
+            raise ValueError(
+                f"register_derivation: the shape rule of {derivation!r} gives {declared}, but "
+                f"the derivation returned shape {tuple(value.shape)}; pass register_derivation "
+                f"a shape function that matches it"
+            )
+
+
+def _flat(values: Sequence[Tensor]) -> Tensor:
+    return torch.cat([v.reshape(-1) for v in values])
 
 
 # Bumped by every DerivedTensorCache.clear(), which may follow writes the sources' keys cannot
@@ -48,9 +80,8 @@ def register_derivation(name: str, derive: Callable[..., Tensor]) -> None:
 _generation = 0
 
 
-def _derived_tensors(
-    derivations: List[str], sources: List[Tensor], counts: List[int], caches: List[int]
-) -> List[Tensor]:
+def _derived_tensors(derivations: List[str], sources: List[Tensor], counts: List[int],
+                     caches: List[int], ranks: List[int], dims: List[int]) -> Tensor:
     first = _LIVE_CACHES.get(caches[0]) if caches else None
     # A compiled graph asks the same question on every call: its answer is kept on the first
     # cache under one key over all the sources, checked in one pass (the per-cache lookups
@@ -62,9 +93,9 @@ def _derived_tensors(
     if first is not None:
         known = first._batches.get(signature)
         if known is not None and known[0] == _generation and known[1] == key:
-            # Copies: Inductor may reuse an external kernel's output buffer for later
+            # A copy: Inductor may reuse an external kernel's output buffer for later
             # results, and the cached values must outlive the graph.
-            return [value.clone() for value in known[2]]
+            return known[2].clone()
     values, start = [], 0
     for derivation, count, cache in zip(derivations, counts, caches):
         own = sources[start:start + count]
@@ -76,9 +107,12 @@ def _derived_tensors(
                 values.append(derive(*own))
         else:
             values.append(owner.get(derivation, lambda: derive(*own), own))
+    _check_shapes(derivations, values, ranks, dims)
+    with torch.no_grad():
+        flat = _flat(values)
     if first is not None:
-        first._batches[signature] = (_generation, key, values)
-    return [value.clone() for value in values]
+        first._batches[signature] = (_generation, key, flat)
+    return flat.clone()
 
 
 def _define_derived_tensors_op():
@@ -88,26 +122,30 @@ def _define_derived_tensors_op():
 
     A plain ``torch.library`` operator rather than ``torch.library.custom_op``, whose Python
     wrapper cost 16 µs a call here against 9 µs; and one call for many values, since each call
-    out of an Inductor graph cost ~45 µs at a Glow's sampling call.
+    out of an Inductor graph cost ~45 µs at a Glow's sampling call. The values come back as one
+    flat tensor (``ranks`` and ``dims``: their shapes, concatenated): one copy out of the cache
+    instead of one per value, and a schema that Inductor's C++ wrapper calls through the
+    dispatcher rather than through Python (it cannot return ``Tensor[]`` that way).
     """
     register_fake = getattr(torch.library, "register_fake", None)
     if register_fake is None:
         return None
     try:
         _LIBRARY.define(
-            "derived_tensors(str[] derivations, Tensor[] sources, int[] counts, int[] caches)"
-            " -> Tensor[]"
+            "derived_tensors(str[] derivations, Tensor[] sources, int[] counts, int[] caches,"
+            " int[] ranks, int[] dims) -> Tensor"
         )
     except RuntimeError:
         return None
     _LIBRARY.impl("derived_tensors", _derived_tensors, "CompositeExplicitAutograd")
 
-    def fake(derivations, sources, counts, caches):
+    def fake(derivations, sources, counts, caches, ranks, dims):
         values, start = [], 0
         for derivation, count in zip(derivations, counts):
-            values.append(_DERIVATIONS[derivation](*sources[start:start + count]).clone())
+            values.append(_DERIVATIONS[derivation](*sources[start:start + count]))
             start += count
-        return values
+        _check_shapes(derivations, values, ranks, dims)
+        return _flat(values)
 
     register_fake("flowplugins::derived_tensors", fake, lib=_LIBRARY)
     return torch.ops.flowplugins.derived_tensors.default
@@ -119,19 +157,36 @@ _DERIVED_TENSORS_OP = _define_derived_tensors_op()
 
 def derive_all(requests: Sequence[Tuple["DerivedTensorCache", str, Sequence[Tensor]]]) -> List[Tensor]:
     """:meth:`DerivedTensorCache.derive` for many ``(cache, derivation, sources)`` at once:
-    under ``torch.compile`` one operator call for all of them."""
+    under ``torch.compile`` one operator call for all of them (one per dtype and device of
+    their first sources, since the values travel as one flat tensor)."""
     if not requests:
         return []
-    if is_compiling():
-        if _DERIVED_TENSORS_OP is not None:
-            sources = [t for _, _, own in requests for t in own]
-            return _DERIVED_TENSORS_OP(
-                [d for _, d, _ in requests], sources, [len(own) for _, _, own in requests],
-                [cache._id for cache, _, _ in requests],
-            )
+    if not is_compiling():
+        return [cache.derive(d, own) for cache, d, own in requests]
+    if _DERIVED_TENSORS_OP is None:
         with torch.no_grad():
             return [_DERIVATIONS[d](*own) for _, d, own in requests]
-    return [cache.derive(d, own) for cache, d, own in requests]
+    groups: List[Tuple[torch.dtype, torch.device, List[int]]] = []
+    for i, (_, _, own) in enumerate(requests):
+        for dtype, device, members in groups:
+            if own[0].dtype == dtype and own[0].device == device:
+                members.append(i)
+                break
+        else:
+            groups.append((own[0].dtype, own[0].device, [i]))
+    values: List[Optional[Tensor]] = [None] * len(requests)
+    for _, _, members in groups:
+        batch = [requests[i] for i in members]
+        shapes = [tuple(_SHAPES[d](*own)) for _, d, own in batch]
+        flat = _DERIVED_TENSORS_OP(
+            [d for _, d, _ in batch], [t for _, _, own in batch for t in own],
+            [len(own) for _, _, own in batch], [cache._id for cache, _, _ in batch],
+            [len(shape) for shape in shapes], [n for shape in shapes for n in shape],
+        )
+        pieces = flat.split([math.prod(shape) for shape in shapes])
+        for i, piece, shape in zip(members, pieces, shapes):
+            values[i] = piece.view(shape)
+    return values  # type: ignore[return-value]
 
 
 class DerivedTensorCache:

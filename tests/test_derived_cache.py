@@ -190,3 +190,39 @@ def test_derive_all_matches_derive_one_by_one_and_under_compile():
         torch.testing.assert_close(e, expected)
         torch.testing.assert_close(c, expected)
     assert derive_all([]) == []
+
+
+register_derivation("tests.inverse_with_a_wrong_shape_rule", torch.linalg.inv, shape=lambda w: (1,))
+register_derivation("tests.trace", torch.trace, shape=lambda w: ())
+
+
+def test_a_wrong_shape_rule_is_reported_when_the_graph_is_traced():
+    """Compiled graphs cut the flat result by the shape rule: one that disagrees with the
+    derivation is an error naming the derivation, not a silently misshapen value."""
+    if derived_cache_module._DERIVED_TENSORS_OP is None:
+        pytest.skip("this torch cannot register the operator's fake version")
+    torch._dynamo.reset()
+    w, cache = torch.eye(2) * 2.0, DerivedTensorCache()
+    compiled = torch.compile(lambda: cache.derive("tests.inverse_with_a_wrong_shape_rule", [w]),
+                             backend="eager")
+    with pytest.raises(Exception, match="shape rule of 'tests.inverse_with_a_wrong_shape_rule'"):
+        compiled()
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_derive_all_under_compile_mixes_dtypes_and_shapes(backend):
+    """Requests in two dtypes, a matrix and a scalar among them: one flat tensor per dtype,
+    every value back in its own shape."""
+    if derived_cache_module._DERIVED_TENSORS_OP is None:
+        pytest.skip("this torch cannot register the operator's fake version")
+    torch._dynamo.reset()
+    a, b, c = torch.eye(2) * 2.0, torch.eye(3, dtype=torch.float64) * 4.0, torch.eye(3) * 5.0
+    caches = [DerivedTensorCache() for _ in range(3)]
+    requests = [(caches[0], "tests.counted_inverse", [a]), (caches[1], "tests.counted_inverse", [b]),
+                (caches[2], "tests.trace", [c])]
+    compiled = torch.compile(lambda: derive_all(requests), backend=backend)
+    for _ in range(2):
+        got = compiled()
+        torch.testing.assert_close(got[0], torch.eye(2) * 0.5)
+        torch.testing.assert_close(got[1], torch.eye(3, dtype=torch.float64) * 0.25)
+        torch.testing.assert_close(got[2], torch.tensor(15.0))

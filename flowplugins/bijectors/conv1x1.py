@@ -130,7 +130,8 @@ def _lu_inverse_from_state(lower: Tensor, upper: Tensor, log_abs_s: Tensor, perm
 
 register_derivation("flowplugins.LUInvertibleConv1x1.inverse", _lu_inverse_from_state)
 register_derivation("flowplugins.InvertibleConv1x1.inverse", torch.linalg.inv)
-register_derivation("flowplugins.InvertibleConv1x1.logabsdet", lambda weight: torch.linalg.slogdet(weight)[1])
+register_derivation("flowplugins.InvertibleConv1x1.logabsdet",
+                    lambda weight: torch.linalg.slogdet(weight)[1], shape=lambda weight: ())
 
 
 class _CachedConv1x1(Bijector):
