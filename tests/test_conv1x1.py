@@ -408,15 +408,19 @@ def test_a_subclass_that_overrides_a_builder_is_not_served_the_parents_cached_in
 
 @pytest.mark.parametrize("channels", [3, 12])
 @pytest.mark.parametrize("grad", [False, True])
-def test_apply_channel_matrix_traced_without_autograd_matches_eager(grad, channels):
-    """Traced without autograd the product runs as multiply-adds (up to UNROLLED_CHANNELS
-    input channels) or pixel-major (a channels-last result); the values, and with autograd
-    the bmm path, match the eager ones."""
-    from flowplugins.bijectors.conv1x1 import UNROLLED_CHANNELS, apply_channel_matrix
+def test_apply_channel_matrix_traced_matches_eager(grad, channels):
+    """Traced, the product takes the form chosen for the channel count: without autograd
+    multiply-adds (up to UNROLLED_CHANNELS) or pixel-major; with autograd pixel-major (up to
+    PIXEL_MAJOR_TRAINING_CHANNELS, a channels-last result) or the bmm (a contiguous one).
+    Values and gradients match the eager ones either way."""
+    from flowplugins.bijectors.conv1x1 import (
+        PIXEL_MAJOR_TRAINING_CHANNELS, UNROLLED_CHANNELS, apply_channel_matrix,
+    )
 
-    assert 3 <= UNROLLED_CHANNELS < 12  # both forms are covered
+    assert 3 <= UNROLLED_CHANNELS < 12 and 3 <= PIXEL_MAJOR_TRAINING_CHANNELS < 12
     g = torch.Generator().manual_seed(0)
-    weight, bias = torch.randn(5, channels, generator=g), torch.randn(5, generator=g)
+    weight = torch.randn(5, channels, generator=g, requires_grad=grad)
+    bias = torch.randn(5, generator=g)
     x = torch.randn(4, channels, 2, 6, generator=g, requires_grad=grad)
     torch._dynamo.reset()
     compiled = torch.compile(apply_channel_matrix, backend="eager")
@@ -426,3 +430,13 @@ def test_apply_channel_matrix_traced_without_autograd_matches_eager(grad, channe
             actual = compiled(weight, x, b)
             assert actual.shape == (4, 5, 2, 6)
             torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+            if not grad:
+                continue
+            pixel_major = channels <= PIXEL_MAJOR_TRAINING_CHANNELS
+            assert actual.is_contiguous(memory_format=torch.channels_last) == pixel_major
+            assert actual.is_contiguous() != pixel_major
+            seed = torch.randn(actual.shape, generator=g)
+            want = torch.autograd.grad(expected, (weight, x), seed)
+            got = torch.autograd.grad(actual, (weight, x), seed)
+            for a, e in zip(got, want):
+                torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)

@@ -48,6 +48,13 @@ def _check_seed(owner: str, seed: Optional[int]) -> None:
 # process; at C = 12 (3×32×32) the fused kernels were slower, 1.46 → 1.70×.
 UNROLLED_CHANNELS = 8
 
+# Up to this many input channels, a compiled train step (traced with autograd) also takes the
+# pixel-major (N·H·W, C) × (C, C_out) product: one ``mm`` forward and two backward instead of a
+# ``bmm`` over N tiny matrices and a reduction of the weight's gradient. With Inductor's C++
+# wrapper, 1×8×8 train steps (C = 4 and 8) ran 1.158 → 1.110× the eager floor at 2 threads and
+# 1.091 → 1.073× at 1 (A/B in one process); at 3×32×32 (C ≥ 12) the bmm was 1-2 points faster.
+PIXEL_MAJOR_TRAINING_CHANNELS = 8
+
 
 def apply_channel_matrix(weight: Tensor, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``out[n, :, h, w] = weight @ x[n, :, h, w] (+ bias)``: a 1x1 convolution as a batched matmul.
@@ -60,25 +67,24 @@ def apply_channel_matrix(weight: Tensor, x: Tensor, bias: Optional[Tensor] = Non
     Shapes:
         weight: (C_out, C), x: (N, C, H, W), bias: (C_out,) -> (N, C_out, H, W)
     """
-    if _base.is_compiling() and not (
-        torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    ):
+    compiling = _base.is_compiling()
+    with_autograd = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if compiling and with_autograd and x.shape[1] <= PIXEL_MAJOR_TRAINING_CHANNELS:
+        return _pixel_major_product(weight, x, bias)
+    if compiling and not with_autograd:
         # Traced without autograd (compiled sampling): for a few channels, multiply-adds
         # (UNROLLED_CHANNELS); otherwise one (N·H·W, C) × (C, C_out) product on a pixel-major
         # view, whose permutes Inductor folds into the neighbouring kernels; the result is a
         # channels-last view. A compiled sampling call ran 1.32 → 1.23× its floor
-        # at 1×8×8 and 1.17 → 1.07× at 3×32×32 (A/B in one process, 1 thread). A train step
-        # was equal at 1×8×8 and 5% slower at 3×32×32, so with autograd it stays a bmm.
+        # at 1×8×8 and 1.17 → 1.07× at 3×32×32 (A/B in one process, 1 thread). With autograd
+        # the product stays a bmm above PIXEL_MAJOR_TRAINING_CHANNELS.
         c = x.shape[1]
         if c <= UNROLLED_CHANNELS:
             out = weight[:, 0].view(1, -1, 1, 1) * x[:, :1]
             for i in range(1, c):
                 out = out + weight[:, i].view(1, -1, 1, 1) * x[:, i:i + 1]
             return out if bias is None else out + bias.view(1, -1, 1, 1)
-        out = torch.matmul(x.permute(0, 2, 3, 1), weight.t())
-        if bias is not None:
-            out = out + bias
-        return out.permute(0, 3, 1, 2)
+        return _pixel_major_product(weight, x, bias)
     n, c, h, w = x.shape
     c_out = weight.shape[0]
     x3 = x.reshape(n, c, h * w)
@@ -87,6 +93,14 @@ def apply_channel_matrix(weight: Tensor, x: Tensor, bias: Optional[Tensor] = Non
     else:
         out = torch.baddbmm(bias.view(1, c_out, 1), weight.expand(n, c_out, c), x3)
     return out.view(n, c_out, h, w)
+
+
+def _pixel_major_product(weight: Tensor, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``apply_channel_matrix`` as one ``(N·H·W, C) × (C, C_out)`` product; a channels-last view."""
+    out = torch.matmul(x.permute(0, 2, 3, 1), weight.t())
+    if bias is not None:
+        out = out + bias
+    return out.permute(0, 3, 1, 2)
 
 
 def _lu_factors(lower: Tensor, upper: Tensor, log_abs_s: Tensor, permutation: Tensor, sign: Tensor,
