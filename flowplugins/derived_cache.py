@@ -166,16 +166,11 @@ def derive_all(requests: Sequence[Tuple["DerivedTensorCache", str, Sequence[Tens
     if _DERIVED_TENSORS_OP is None:
         with torch.no_grad():
             return [_DERIVATIONS[d](*own) for _, d, own in requests]
-    groups: List[Tuple[torch.dtype, torch.device, List[int]]] = []
+    groups: Dict[Tuple[torch.dtype, torch.device], List[int]] = {}
     for i, (_, _, own) in enumerate(requests):
-        for dtype, device, members in groups:
-            if own[0].dtype == dtype and own[0].device == device:
-                members.append(i)
-                break
-        else:
-            groups.append((own[0].dtype, own[0].device, [i]))
+        groups.setdefault((own[0].dtype, own[0].device), []).append(i)
     values: List[Optional[Tensor]] = [None] * len(requests)
-    for _, _, members in groups:
+    for members in groups.values():
         batch = [requests[i] for i in members]
         shapes = [tuple(_SHAPES[d](*own)) for _, d, own in batch]
         flat = _DERIVED_TENSORS_OP(

@@ -67,24 +67,25 @@ def apply_channel_matrix(weight: Tensor, x: Tensor, bias: Optional[Tensor] = Non
     Shapes:
         weight: (C_out, C), x: (N, C, H, W), bias: (C_out,) -> (N, C_out, H, W)
     """
-    compiling = _base.is_compiling()
-    with_autograd = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if compiling and with_autograd and x.shape[1] <= PIXEL_MAJOR_TRAINING_CHANNELS:
-        return _pixel_major_product(weight, x, bias)
-    if compiling and not with_autograd:
-        # Traced without autograd (compiled sampling): for a few channels, multiply-adds
-        # (UNROLLED_CHANNELS); otherwise one (N·H·W, C) × (C, C_out) product on a pixel-major
-        # view, whose permutes Inductor folds into the neighbouring kernels; the result is a
-        # channels-last view. A compiled sampling call ran 1.32 → 1.23× its floor
-        # at 1×8×8 and 1.17 → 1.07× at 3×32×32 (A/B in one process, 1 thread). With autograd
-        # the product stays a bmm above PIXEL_MAJOR_TRAINING_CHANNELS.
-        c = x.shape[1]
-        if c <= UNROLLED_CHANNELS:
-            out = weight[:, 0].view(1, -1, 1, 1) * x[:, :1]
-            for i in range(1, c):
-                out = out + weight[:, i].view(1, -1, 1, 1) * x[:, i:i + 1]
-            return out if bias is None else out + bias.view(1, -1, 1, 1)
-        return _pixel_major_product(weight, x, bias)
+    if _base.is_compiling():
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            # Traced with autograd (a compiled train step): see PIXEL_MAJOR_TRAINING_CHANNELS;
+            # above it the product stays the bmm below.
+            if x.shape[1] <= PIXEL_MAJOR_TRAINING_CHANNELS:
+                return _pixel_major_product(weight, x, bias)
+        else:
+            # Traced without autograd (compiled sampling): for a few channels, multiply-adds
+            # (UNROLLED_CHANNELS); otherwise one (N·H·W, C) × (C, C_out) product on a
+            # pixel-major view, whose permutes Inductor folds into the neighbouring kernels;
+            # the result is a channels-last view. A compiled sampling call ran 1.32 → 1.23× its
+            # floor at 1×8×8 and 1.17 → 1.07× at 3×32×32 (A/B in one process, 1 thread).
+            c = x.shape[1]
+            if c <= UNROLLED_CHANNELS:
+                out = weight[:, 0].view(1, -1, 1, 1) * x[:, :1]
+                for i in range(1, c):
+                    out = out + weight[:, i].view(1, -1, 1, 1) * x[:, i:i + 1]
+                return out if bias is None else out + bias.view(1, -1, 1, 1)
+            return _pixel_major_product(weight, x, bias)
     n, c, h, w = x.shape
     c_out = weight.shape[0]
     x3 = x.reshape(n, c, h * w)
